@@ -1,0 +1,1 @@
+"""Dataset layouts, Parquet shards and the Ray Data pipeline."""

@@ -1,0 +1,1 @@
+"""The Ray and MLflow side: config schema, cluster, trainer, sweep, SEA pool, tracking."""

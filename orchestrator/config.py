@@ -1,0 +1,427 @@
+"""The typed config schema (pydantic v2), YAML loading, `key.path=value` overrides and clear errors.
+
+Every invalid value becomes one line `key.path = value: what is allowed`; callers exit with code 2.
+Perturbation budgets (`eps`, `step_size`) are in units of 1/255 here; `trainables.units` converts.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from data.classes import DATASET_CLASSES
+
+UNITS_255 = "units of 1/255"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "experiments" / "configs" / "demo.yaml"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message is one line naming key, value and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticData(_Section):
+    """Generated dataset in the real VOC/ADE20K layouts (no downloads possible here)."""
+
+    seed: int = 0
+    train_images: int = Field(64, ge=1)
+    val_images: int = Field(16, ge=1)
+    num_classes: int = Field(5, ge=2, description="object classes drawn, background included")
+    height: int = Field(375, ge=32)
+    width: int = Field(500, ge=32)
+
+
+class DataConfig(_Section):
+    dataset: Literal["voc", "voc_aug", "ade20k"] = Field(
+        "voc_aug", description="layout of the training split; VOC recipes train on voc_aug"
+    )
+    root: Optional[str] = Field(
+        None, description="VOCdevkit/VOC2012 or ADEChallengeData2016 folder; unset with `synthetic`"
+    )
+    synthetic: Optional[SyntheticData] = None
+    shards: str = Field(..., description="URI under which Parquet shards live (train/ and val/)")
+    train_split: str = "train"
+    val_split: str = "val"
+    reduce_zero_label: bool = False
+    crop_size: int = Field(473, ge=16)
+    val_size: int = Field(473, ge=16)
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    val_images: Optional[int] = Field(None, ge=1, description="cap on val images used (None: all)")
+    shard_rows: int = Field(256, ge=1)
+
+    @field_validator("scale_range")
+    @classmethod
+    def _scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low <= high:
+            raise ValueError("must be [low, high] with 0 < low <= high")
+        return value
+
+    @model_validator(mode="after")
+    def _source(self) -> DataConfig:
+        if self.root is None and self.synthetic is None:
+            raise ValueError("set data.root (a dataset folder) or data.synthetic (generated data)")
+        if self.reduce_zero_label and self.dataset != "ade20k":
+            raise ValueError("reduce_zero_label applies to ade20k only")
+        return self
+
+    @property
+    def val_dataset(self) -> str:
+        """VOC recipes train on SBD-aug and validate on VOC val."""
+        return "voc" if self.dataset == "voc_aug" else self.dataset
+
+    @property
+    def num_classes(self) -> int:
+        return len(DATASET_CLASSES[self.dataset]) - (1 if self.reduce_zero_label else 0)
+
+
+class ModelConfig(_Section):
+    decoder: Literal["upernet", "segmenter"] = "upernet"
+    backbone: str = "convnext_tiny"
+    stem: Literal["patch", "cvst"] = "patch"
+    backbone_weights: Optional[str] = Field(
+        None, description="URI of a (robust) ImageNet backbone checkpoint: path, file://, s3://, gs://, https://"
+    )
+    init: Literal["pir", "clean", "random"] = Field(
+        "random", description="where the backbone weights came from; logged with every run"
+    )
+    decoder_width: int = Field(512, ge=8)
+
+    @model_validator(mode="after")
+    def _weights(self) -> ModelConfig:
+        if self.init in ("pir", "clean") and not self.backbone_weights:
+            raise ValueError(f"init {self.init!r} needs model.backbone_weights (a checkpoint URI)")
+        if self.init == "random" and self.backbone_weights:
+            raise ValueError("init 'random' contradicts model.backbone_weights; use init 'pir' or 'clean'")
+        return self
+
+
+class TrainAttackConfig(_Section):
+    steps: int = Field(2, ge=0, description="PGD steps k; 0 is clean training")
+    eps: float = Field(4.0, ge=0, description=UNITS_255)
+    step_size: float = Field(2.55, gt=0, description=UNITS_255 + "; the recipe's 0.01 is 2.55")
+    loss: Literal["ce"] = "ce"
+    random_start: bool = False
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(16, ge=1, description="global batch, split across workers")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    warmup_epochs: float = Field(5.0, ge=0)
+    poly_power: float = Field(1.0, ge=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
+    grad_clip: Optional[float] = Field(None, gt=0)
+    val_every: int = Field(1, ge=1, description="epochs between validations")
+    val_images: int = Field(64, ge=1, description="fixed val subset for clean and robust proxy metrics")
+    proxy_iterations: int = Field(10, ge=1, description="APGD-CE iterations of the robust proxy")
+    keep_checkpoints: int = Field(2, ge=1, description="best K checkpoints kept, by the robust proxy")
+    seed: int = 0
+    attack: TrainAttackConfig = TrainAttackConfig()
+
+    @model_validator(mode="after")
+    def _warmup(self) -> TrainConfig:
+        if self.warmup_epochs > 0 and self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"train.warmup_epochs ({self.warmup_epochs:g}) must be < train.epochs ({self.epochs}); "
+                "a warm-up as long as training never reaches the peak lr"
+            )
+        return self
+
+
+SweepValue = Any
+
+
+class SweepConfig(_Section):
+    search: Literal["grid", "random"] = "grid"
+    params: dict[str, list[SweepValue]] = Field(
+        default_factory=dict, description="config key path -> values (grid) or choices (random)"
+    )
+    num_samples: int = Field(1, ge=1, description="random: trials drawn; grid: repeats of the grid")
+    max_concurrent_trials: int = Field(1, ge=1)
+    asha: bool = Field(False, description="ASHA early stopping on the robust proxy")
+    asha_grace_epochs: int = Field(1, ge=1)
+    name: str = "pir_at_sweep"
+    storage_path: str = Field("ray_results", description="local path, s3:// or gs:// URI")
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, value: dict[str, list[SweepValue]]) -> dict[str, list[SweepValue]]:
+        for key, values in value.items():
+            if key.split(".", 1)[0] == "sweep":
+                raise ValueError(f"{key}: the sweep cannot sweep its own settings")
+            if not values:
+                raise ValueError(f"{key}: needs at least one value")
+        return value
+
+
+class SeaConfig(_Section):
+    eps: list[float] = Field(default_factory=lambda: [4.0, 8.0], description=UNITS_255)
+    iterations: int = Field(300, ge=1, description="APGD iterations per loss")
+    losses: list[Literal["mce-bal", "mce", "js", "ce", "segpgd", "cospgd", "mask-sph"]] = Field(
+        default_factory=lambda: ["mce-bal", "mce", "js"]
+    )
+    images: Optional[int] = Field(None, ge=1, description="cap on val images scored (None: all)")
+    batch_size: int = Field(8, ge=1)
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(2, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    seed: int = 0
+
+    @field_validator("eps")
+    @classmethod
+    def _eps(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("must list at least one ε (" + UNITS_255 + ")")
+        for e in value:
+            if e <= 0:
+                raise ValueError(f"every ε must be > 0 ({UNITS_255}), got {e:g}")
+        return value
+
+    @field_validator("losses")
+    @classmethod
+    def _losses(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must list at least one loss")
+        return value
+
+    @model_validator(mode="after")
+    def _actors(self) -> SeaConfig:
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors ({self.min_actors}) must be <= max_actors ({self.max_actors})")
+        return self
+
+
+class TrackingConfig(_Section):
+    uri: Optional[str] = Field(None, description="MLflow tracking URI (sqlite:///..., http://...)")
+    experiment: str = "pir-at"
+
+
+class ClusterConfig(_Section):
+    address: Optional[str] = Field(None, description="Ray address; unset: RAY_ADDRESS or a local Ray")
+    workers: int = Field(1, ge=1, description="Ray Train workers per trial")
+    gpus_per_worker: float = Field(0.0, ge=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts per trial; -1: unlimited")
+
+
+class Config(_Section):
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    sweep: SweepConfig = SweepConfig()
+    sea: SeaConfig = SeaConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _batch(self) -> Config:
+        if self.train.batch_size % self.cluster.workers:
+            raise ValueError(
+                f"train.batch_size ({self.train.batch_size}) must divide evenly across "
+                f"cluster.workers ({self.cluster.workers})"
+            )
+        return self
+
+    @property
+    def per_worker_batch(self) -> int:
+        return self.train.batch_size // self.cluster.workers
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if value is None:
+        return "null"
+    return str(value)
+
+
+def _section_of(annotation: Any) -> type[BaseModel] | None:
+    """The config section class behind an annotation (also inside Optional[...]), if any."""
+    for candidate in getattr(annotation, "__args__", (annotation,)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _walk(loc: tuple) -> tuple[type[BaseModel] | None, Any]:
+    """(section class holding the last key, FieldInfo of the last key) for a location in the schema."""
+    model: type[BaseModel] | None = Config
+    info = None
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if model is None:
+            return None, None
+        parent, info = model, model.model_fields.get(part)
+        if info is None:
+            return parent, None
+        model = _section_of(info.annotation)
+    return parent if loc else Config, info
+
+
+def _field_info(loc: tuple):
+    return _walk(loc)[1]
+
+
+def _valid_keys(loc: tuple) -> list[str]:
+    parent, _ = _walk(loc)
+    return sorted(parent.model_fields) if parent is not None else []
+
+
+_ALLOWED = {
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be an integer",
+    "int_type": "must be an integer",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "bool_parsing": "must be true or false",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "list_type": "must be a list",
+    "dict_type": "must be a mapping of keys to values",
+    "tuple_type": "must be a list",
+    "model_type": "must be a mapping of keys to values",
+    "too_short": "has too few items",
+    "too_long": "has too many items",
+}
+
+
+def _format_error(error: dict) -> str:
+    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal["))))
+    # Union members (e.g. Optional[SyntheticData]) add their class name to the location.
+    loc = tuple(p for p in loc if not (isinstance(p, str) and p[:1].isupper()))
+    path = ".".join(str(p) for p in loc) or "<config>"
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    value = error.get("input")
+    if kind == "extra_forbidden":
+        valid = _valid_keys(loc)
+        hint = f"; valid keys here: {', '.join(valid)}" if valid else ""
+        return f"{path}: unknown key{hint}"
+    if kind == "missing":
+        return f"{path}: missing (required)"
+    info = _field_info(loc)
+    units = f" ({UNITS_255})" if info is not None and UNITS_255 in (info.description or "") else ""
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
+        bound = next(iter(ctx.values()))
+        allowed = f"must be {op} {_describe(bound)}{units}"
+    elif kind in ("literal_error", "enum"):
+        allowed = f"must be one of {ctx.get('expected', '')}".replace("'", "")
+    elif kind == "value_error":
+        allowed = str(ctx.get("error", error["msg"]))
+    elif kind in _ALLOWED:
+        allowed = _ALLOWED[kind] + units
+    else:
+        allowed = error["msg"]
+    if isinstance(value, dict) and kind in ("value_error", "model_type", "dict_type"):
+        return f"{path}: {allowed}"
+    return f"{path} = {_describe(value)}: {allowed}"
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn `a.b=value` strings into {path: YAML-parsed value}; malformed ones raise ConfigError."""
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: expected key.path=value, e.g. train.epochs=3")
+        try:
+            parsed[key] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            parsed[key] = raw
+    return parsed
+
+
+def set_path(tree: dict[str, Any], path: str, value: Any) -> None:
+    """Set tree[a][b][c] = value for path 'a.b.c', creating mappings on the way."""
+    node = tree
+    parts = path.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{path}: {part} = {_describe(child)} is not a section, cannot set a key under it")
+        node = child
+    node[parts[-1]] = value
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    """Validate a plain mapping into a Config, raising ConfigError with the first problem on one line."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"<config>: must be a mapping of sections, got {_describe(raw)}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc.errors()[0])) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a config file into a plain mapping; a missing or malformed file is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return raw or {}
+
+
+def load_config(path: str | Path = DEFAULT_CONFIG, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config, apply `key.path=value` overrides, validate; ConfigError on any problem."""
+    raw = read_yaml(path)
+    for key, value in parse_overrides(overrides or []).items():
+        set_path(raw, key, value)
+    try:
+        return validate(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """Plain, YAML-safe mapping of a config (the resolved config logged with each run)."""
+    return config.model_dump(mode="json")
+
+
+def with_values(config: Config, values: dict[str, Any]) -> Config:
+    """A copy of `config` with `key.path -> value` applied (a sweep trial's config), validated."""
+    raw = copy.deepcopy(to_dict(config))
+    for key, value in values.items():
+        set_path(raw, key, value)
+    return validate(raw)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat

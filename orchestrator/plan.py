@@ -1,0 +1,128 @@
+"""The resolved plan of a sweep: its trials, resources, storage and SEA settings (what --dry-run prints)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.config import Config, ConfigError, with_values
+
+
+@dataclass
+class Plan:
+    """Everything a run will do, resolved from a validated config; built before anything starts."""
+
+    config: Config
+    trials: list[dict[str, Any]]
+    trial_configs: list[Config]
+    tracking_uri: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def expand_trials(config: Config) -> list[dict[str, Any]]:
+    """The sweep's trials as `key.path -> value` overrides: the grid's product, or seeded random draws."""
+    params = config.sweep.params
+    if not params:
+        return [{} for _ in range(config.sweep.num_samples)]
+    keys = sorted(params)
+    if config.sweep.search == "grid":
+        grid = [dict(zip(keys, values, strict=False)) for values in itertools.product(*(params[k] for k in keys))]
+        return grid * config.sweep.num_samples
+    rng = random.Random(config.train.seed)
+    return [{k: rng.choice(params[k]) for k in keys} for _ in range(config.sweep.num_samples)]
+
+
+def trial_name(overrides: dict[str, Any]) -> str:
+    """A short readable name for a trial, e.g. 'steps=2,eps=4'."""
+    if not overrides:
+        return "base"
+    return ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted(overrides.items()))
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def _local_path(uri: str) -> str:
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+def check_paths(config: Config) -> list[str]:
+    """Warnings for local inputs that do not exist yet (placeholders in recipes), never errors."""
+    warnings = []
+    data = config.data
+    if data.root is not None and not os.path.exists(data.root):
+        warnings.append(
+            f"data.root {data.root}: not found (a placeholder? point it at your "
+            f"{'ADEChallengeData2016' if data.dataset == 'ade20k' else 'VOCdevkit/VOC2012'} folder)"
+        )
+    if _is_local(data.shards) and not os.path.exists(os.path.join(_local_path(data.shards), "train", "manifest.json")):
+        source = "generated data" if data.synthetic else f"data.root {data.root}"
+        warnings.append(f"data.shards {data.shards}: not found, will be prepared from {source}")
+    weights = config.model.backbone_weights
+    if weights and _is_local(weights) and not os.path.exists(_local_path(weights)):
+        warnings.append(f"model.backbone_weights {weights}: not found")
+    return warnings
+
+
+def build_plan(config: Config, tracking_uri: str) -> Plan:
+    """Expand and validate every trial; a trial whose overrides make an invalid config is a ConfigError."""
+    trials = expand_trials(config)
+    trial_configs = []
+    for overrides in trials:
+        try:
+            trial_configs.append(with_values(config, overrides))
+        except ConfigError as exc:
+            raise ConfigError(f"sweep trial {trial_name(overrides)}: {exc}") from None
+    return Plan(config, trials, trial_configs, tracking_uri, check_paths(config))
+
+
+def scaling_text(config: Config) -> str:
+    """The Ray Train ScalingConfig a trial will use, as text."""
+    c = config.cluster
+    resources = {"CPU": c.cpus_per_worker}
+    if c.gpus_per_worker:
+        resources["GPU"] = c.gpus_per_worker
+    return (
+        f"ScalingConfig(num_workers={c.workers}, use_gpu={bool(c.gpus_per_worker)}, "
+        f"resources_per_worker={resources}, placement_strategy={c.placement_strategy!r})"
+    )
+
+
+def format_plan(plan: Plan) -> str:
+    """Human-readable plan: what --dry-run prints."""
+    cfg = plan.config
+    lines = [f"Sweep {cfg.sweep.name!r}: {len(plan.trials)} trial(s), {cfg.sweep.search} search"
+             + (", ASHA early stopping on the robust proxy" if cfg.sweep.asha else "")
+             + f", at most {cfg.sweep.max_concurrent_trials} at once"]
+    for i, (overrides, tc) in enumerate(zip(plan.trials, plan.trial_configs, strict=False)):
+        a = tc.train.attack
+        lines.append(
+            f"  trial {i}: {trial_name(overrides)}  -> epochs={tc.train.epochs} attack.steps={a.steps} "
+            f"attack.eps={a.eps:g}/255 step_size={a.step_size:g}/255"
+        )
+    m = cfg.model
+    lines += [
+        f"Model: {m.decoder} on {m.backbone} (stem {m.stem}), init {m.init}"
+        + (f" from {m.backbone_weights}" if m.backbone_weights else ""),
+        f"Data: {cfg.data.dataset} ({cfg.data.num_classes} classes) train split {cfg.data.train_split!r}, "
+        f"val {cfg.data.val_dataset}/{cfg.data.val_split!r}; crop {cfg.data.crop_size}, val size {cfg.data.val_size}",
+        "Resources per trial:",
+        f"  {scaling_text(cfg)}",
+        f"  global batch {cfg.train.batch_size} = {cfg.cluster.workers} worker(s) "
+        f"x per-worker batch {cfg.per_worker_batch}",
+        f"  max_failures {cfg.cluster.max_failures}",
+        "Storage:",
+        f"  shards: {cfg.data.shards.rstrip('/')}/train, {cfg.data.shards.rstrip('/')}/val",
+        f"  Ray results and checkpoints: {cfg.sweep.storage_path.rstrip('/')}/{cfg.sweep.name}",
+        f"Tracking URI: {plan.tracking_uri} (experiment {cfg.tracking.experiment!r})",
+        f"SEA: eps {', '.join(f'{e:g}' for e in cfg.sea.eps)} (/255), {cfg.sea.iterations} iterations, "
+        f"losses {', '.join(cfg.sea.losses)}, images {cfg.sea.images or 'all val'}, "
+        f"{cfg.sea.min_actors}-{cfg.sea.max_actors} actors "
+        f"x ({cfg.sea.cpus_per_actor:g} CPU, {cfg.sea.gpus_per_actor:g} GPU)",
+    ]
+    lines += [f"warning: {w}" for w in plan.warnings]
+    return "\n".join(lines)
