@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.config import DEFAULT_CONFIG, ConfigError, load_config, parse_overrides  # noqa: E402
+from orchestrator.config import DEFAULT_CONFIG, ConfigError, load_config, parse_overrides, resolve_paths  # noqa: E402
 from orchestrator.plan import build_plan, format_plan  # noqa: E402
 from orchestrator.tracking import resolve_tracking_uri  # noqa: E402
 
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = load_config(args.config, args.overrides)
+        config = resolve_paths(load_config(args.config, args.overrides), Path.cwd())
         override_keys = parse_overrides(args.overrides)
         tracking_uri = resolve_tracking_uri(config, override_given="tracking.uri" in override_keys)
         plan = build_plan(config, tracking_uri)

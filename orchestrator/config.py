@@ -402,6 +402,24 @@ def load_config(path: str | Path = DEFAULT_CONFIG, overrides: list[str] | None =
         raise ConfigError(f"{path}: {exc}") from None
 
 
+def _absolute_uri(value: str | None, base: Path) -> str | None:
+    if value is None or "://" in value:
+        return value
+    return str((base / value).resolve())
+
+
+def resolve_paths(config: Config, base: str | Path) -> Config:
+    """Make local paths absolute (against `base`, the working directory) so every Ray worker finds them;
+    URIs (s3://, gs://, file://, https://) stay as they are."""
+    base = Path(base)
+    raw = to_dict(config)
+    raw["data"]["shards"] = _absolute_uri(raw["data"]["shards"], base)
+    raw["data"]["root"] = _absolute_uri(raw["data"]["root"], base)
+    raw["model"]["backbone_weights"] = _absolute_uri(raw["model"]["backbone_weights"], base)
+    raw["sweep"]["storage_path"] = _absolute_uri(raw["sweep"]["storage_path"], base)
+    return validate(raw)
+
+
 def to_dict(config: Config) -> dict[str, Any]:
     """Plain, YAML-safe mapping of a config (the resolved config logged with each run)."""
     return config.model_dump(mode="json")

@@ -18,6 +18,7 @@ class Plan:
     config: Config
     trials: list[dict[str, Any]]
     trial_configs: list[Config]
+    names: list[str]
     tracking_uri: str
     warnings: list[str] = field(default_factory=list)
 
@@ -29,17 +30,16 @@ def expand_trials(config: Config) -> list[dict[str, Any]]:
         return [{} for _ in range(config.sweep.num_samples)]
     keys = sorted(params)
     if config.sweep.search == "grid":
-        grid = [dict(zip(keys, values, strict=False)) for values in itertools.product(*(params[k] for k in keys))]
+        grid = [dict(zip(keys, values, strict=True)) for values in itertools.product(*(params[k] for k in keys))]
         return grid * config.sweep.num_samples
     rng = random.Random(config.train.seed)
     return [{k: rng.choice(params[k]) for k in keys} for _ in range(config.sweep.num_samples)]
 
 
-def trial_name(overrides: dict[str, Any]) -> str:
-    """A short readable name for a trial, e.g. 'steps=2,eps=4'."""
-    if not overrides:
-        return "base"
-    return ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted(overrides.items()))
+def trial_name(index: int, overrides: dict[str, Any]) -> str:
+    """A unique, readable trial name, e.g. 't01_eps=4_steps=2' (also its folder and MLflow run name)."""
+    short = "_".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted(overrides.items()))
+    return f"t{index:02d}_{short or 'base'}"
 
 
 def _is_local(uri: str) -> bool:
@@ -72,12 +72,13 @@ def build_plan(config: Config, tracking_uri: str) -> Plan:
     """Expand and validate every trial; a trial whose overrides make an invalid config is a ConfigError."""
     trials = expand_trials(config)
     trial_configs = []
-    for overrides in trials:
+    names = [trial_name(i, overrides) for i, overrides in enumerate(trials)]
+    for name, overrides in zip(names, trials, strict=True):
         try:
             trial_configs.append(with_values(config, overrides))
         except ConfigError as exc:
-            raise ConfigError(f"sweep trial {trial_name(overrides)}: {exc}") from None
-    return Plan(config, trials, trial_configs, tracking_uri, check_paths(config))
+            raise ConfigError(f"sweep trial {name}: {exc}") from None
+    return Plan(config, trials, trial_configs, names, tracking_uri, check_paths(config))
 
 
 def scaling_text(config: Config) -> str:
@@ -98,10 +99,10 @@ def format_plan(plan: Plan) -> str:
     lines = [f"Sweep {cfg.sweep.name!r}: {len(plan.trials)} trial(s), {cfg.sweep.search} search"
              + (", ASHA early stopping on the robust proxy" if cfg.sweep.asha else "")
              + f", at most {cfg.sweep.max_concurrent_trials} at once"]
-    for i, (overrides, tc) in enumerate(zip(plan.trials, plan.trial_configs, strict=False)):
+    for i, (name, tc) in enumerate(zip(plan.names, plan.trial_configs, strict=True)):
         a = tc.train.attack
         lines.append(
-            f"  trial {i}: {trial_name(overrides)}  -> epochs={tc.train.epochs} attack.steps={a.steps} "
+            f"  trial {i}: {name}  -> epochs={tc.train.epochs} attack.steps={a.steps} "
             f"attack.eps={a.eps:g}/255 step_size={a.step_size:g}/255"
         )
     m = cfg.model

@@ -81,3 +81,19 @@ def s3_bucket(s3_server, monkeypatch):
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory) -> str:
+    """The demo's generated VOC-layout data, sharded once per session; yields the shards' base URI
+    (with train/ and val/ below it), as `data.shards` expects."""
+    from data.prepare import prepare_split
+    from data.synthetic import generate_voc
+
+    base = tmp_path_factory.mktemp("demo_data")
+    root = generate_voc(base / "generated", seed=0, train_images=48, val_images=16, num_classes=4,
+                        height=120, width=160)
+    shards = base / "shards"
+    prepare_split("voc_aug", root, "train", str(shards / "train"), shard_rows=16, workers=1, progress=False)
+    prepare_split("voc", root, "val", str(shards / "val"), shard_rows=16, workers=1, progress=False)
+    return str(shards)

@@ -1,0 +1,129 @@
+"""The Ray Tune sweep: each trial builds and fits a TorchTrainer (Train V2); metrics reach Tune and MLflow."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from orchestrator.config import Config, to_dict, validate, with_values
+from orchestrator.plan import Plan
+from orchestrator.train import PROXY_METRIC, build_trainer, fit
+
+TRIALS_DIR = "trials"
+
+
+@dataclass
+class TrialOutcome:
+    """A finished trial as the driver sees it after Tune returns."""
+
+    name: str
+    overrides: dict[str, Any]
+    config: Config
+    metrics: dict[str, Any]
+    error: str | None
+
+
+def sweep_path(config: Config) -> str:
+    """Where Tune keeps the sweep's state (for --resume): `sweep.storage_path/sweep.name`."""
+    return f"{_absolute(config.sweep.storage_path).rstrip('/')}/{config.sweep.name}"
+
+
+def _absolute(uri: str) -> str:
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+def run_trial(tune_config: dict[str, Any]) -> None:
+    """A Tune trial: fit one TorchTrainer with this trial's config, then report its best checkpoint."""
+    trial = tune_config["trial"]
+    config = with_values(validate(trial["base"]), trial["overrides"])
+    started = time.time()
+    trainer = build_trainer(
+        config,
+        name=trial["name"],
+        storage_path=f"{sweep_path(config)}/{TRIALS_DIR}",
+        callbacks=[TuneReportCallback()],
+    )
+    outcome = fit(trainer)
+    history = outcome.history
+    attack_seconds = sum(float(row.get("time_attack_s", 0.0)) for row in history)
+    tune.report({
+        **{k: v for k, v in outcome.best_metrics.items() if isinstance(v, (int, float, str))},
+        "best_checkpoint": outcome.best_checkpoint.path,
+        "best_epoch": outcome.best_metrics.get("epoch"),
+        "train_hours": (time.time() - started) / 3600.0,
+        "attack_hours": attack_seconds / 3600.0,
+        "trial_done": True,
+    })
+
+
+class _MlflowEpochs(tune.Callback):
+    """Driver-side Tune callback: each reported epoch goes to the trial's MLflow child run (step = epoch)."""
+
+    def __init__(self, on_start: Callable[[str], None], on_epoch: Callable[[str, int, dict], None]):
+        self.on_start = on_start
+        self.on_epoch = on_epoch
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.on_start(trial.config["trial"]["name"])
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "epoch" in result and not result.get("trial_done"):
+            self.on_epoch(trial.config["trial"]["name"], int(result["epoch"]), result)
+
+
+def _tuner(plan: Plan, callbacks: list[tune.Callback], resume: bool) -> tune.Tuner:
+    config = plan.config
+    trainable = tune.with_resources(run_trial, {"cpu": 0})
+    path = sweep_path(config)
+    if resume:
+        if not tune.Tuner.can_restore(path):
+            raise FileNotFoundError(f"--resume: no sweep state at {path} (sweep.storage_path/sweep.name)")
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, restart_errored=False,
+                                  param_space=None)
+    base = to_dict(config)
+    trials = [{"base": base, "overrides": o, "name": n} for o, n in zip(plan.trials, plan.names, strict=True)]
+    scheduler = None
+    if config.sweep.asha:
+        scheduler = tune.schedulers.ASHAScheduler(
+            time_attr="epoch", grace_period=config.sweep.asha_grace_epochs,
+            max_t=max(c.train.epochs for c in plan.trial_configs),
+        )
+    return tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search(trials)},
+        tune_config=tune.TuneConfig(
+            metric=PROXY_METRIC if scheduler else None, mode="max" if scheduler else None,
+            scheduler=scheduler, max_concurrent_trials=config.sweep.max_concurrent_trials,
+            trial_name_creator=lambda t: t.config["trial"]["name"],
+            trial_dirname_creator=lambda t: t.config["trial"]["name"],
+        ),
+        run_config=tune.RunConfig(name=config.sweep.name, storage_path=_absolute(config.sweep.storage_path),
+                                  callbacks=callbacks, verbose=1),
+    )
+
+
+def run_sweep(plan: Plan, *, resume: bool = False, on_start=None, on_epoch=None) -> list[TrialOutcome]:
+    """Run (or resume) every trial of the plan; returns each trial's final metrics or error."""
+    callbacks = []
+    if on_start or on_epoch:
+        callbacks.append(_MlflowEpochs(on_start or (lambda name: None), on_epoch or (lambda *a: None)))
+    results = _tuner(plan, callbacks, resume).fit()
+    by_name = {n: (o, c) for n, o, c in zip(plan.names, plan.trials, plan.trial_configs, strict=True)}
+    outcomes = []
+    for result in results:
+        name = result.config["trial"]["name"]
+        overrides, config = by_name[name]
+        error = None
+        if result.error is not None:
+            error = str(result.error).strip().splitlines()[-1] if str(result.error).strip() else repr(result.error)
+        elif not (result.metrics or {}).get("trial_done"):
+            error = "the trial ended without a final report"
+        outcomes.append(TrialOutcome(name, overrides, config, dict(result.metrics or {}), error))
+    order = {name: i for i, name in enumerate(plan.names)}
+    return sorted(outcomes, key=lambda o: order[o.name])

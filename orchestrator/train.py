@@ -1,0 +1,125 @@
+"""Builds and runs the Ray Train `TorchTrainer` of one PIR-AT trial from a validated config."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray.train
+from data.pipeline import train_dataset, val_dataset
+from data.shards import read_manifest
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from orchestrator.config import Config, to_dict
+from trainables.pir_at import train_loop_per_worker
+
+PROXY_METRIC = "robust_miou"
+
+
+class TrialFailed(RuntimeError):
+    """A trial that ended without a usable model (diverged loss, exhausted restarts)."""
+
+
+@dataclass
+class TrainOutcome:
+    """What a finished training run hands on to SEA scoring and tracking."""
+
+    best_checkpoint: ray.train.Checkpoint
+    best_metrics: dict[str, Any]
+    final_checkpoint: ray.train.Checkpoint
+    final_metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    path: str
+
+
+def shard_uris(config: Config) -> tuple[str, str]:
+    """Train and val shard URIs under `data.shards`."""
+    base = config.data.shards.rstrip("/")
+    return f"{base}/train", f"{base}/val"
+
+
+def steps_per_epoch(train_rows: int, global_batch: int) -> int:
+    """Optimizer steps per epoch (incomplete last batches are dropped on every worker)."""
+    if train_rows < global_batch:
+        raise ValueError(
+            f"the training split has {train_rows} images, fewer than train.batch_size = {global_batch}"
+        )
+    return train_rows // global_batch
+
+
+def scaling_config(config: Config) -> ScalingConfig:
+    c = config.cluster
+    resources: dict[str, float] = {"CPU": c.cpus_per_worker}
+    if c.gpus_per_worker:
+        resources["GPU"] = c.gpus_per_worker
+    return ScalingConfig(
+        num_workers=c.workers, use_gpu=bool(c.gpus_per_worker), resources_per_worker=resources,
+        placement_strategy=c.placement_strategy,
+    )
+
+
+def build_trainer(
+    config: Config,
+    *,
+    name: str,
+    storage_path: str,
+    callbacks: Sequence[Any] = (),
+    resume_from: str | None = None,
+    extra_loop_config: dict[str, Any] | None = None,
+) -> TorchTrainer:
+    """A TorchTrainer for one trial: datasets from the shards, DDP workers, best-K checkpoints, restarts."""
+    train_uri, val_uri = shard_uris(config)
+    manifest = read_manifest(train_uri)
+    data = config.data
+    loop_config = {
+        "config": to_dict(config),
+        "num_classes": data.num_classes,
+        "steps_per_epoch": steps_per_epoch(int(manifest["total_rows"]), config.train.batch_size),
+        "per_worker_batch": config.per_worker_batch,
+        "threads": max(1, int(config.cluster.cpus_per_worker)),
+        "resume_from": resume_from,
+        **(extra_loop_config or {}),
+    }
+    datasets = {
+        "train": train_dataset(train_uri, crop_size=data.crop_size, scale_range=tuple(data.scale_range),
+                               seed=config.train.seed),
+        "val": val_dataset(val_uri, size=data.val_size, limit=config.train.val_images),
+    }
+    run_config = RunConfig(
+        name=name,
+        storage_path=storage_path,
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=config.train.keep_checkpoints,
+            checkpoint_score_attribute=PROXY_METRIC,
+            checkpoint_score_order="max",
+        ),
+        failure_config=FailureConfig(max_failures=config.cluster.max_failures),
+        callbacks=list(callbacks) or None,
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if config.cluster.gpus_per_worker else "gloo"),
+        scaling_config=scaling_config(config),
+        run_config=run_config,
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def fit(trainer: TorchTrainer) -> TrainOutcome:
+    """Run a trainer; a failed or diverged run raises TrialFailed naming the reason."""
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise TrialFailed(f"training failed: {exc}") from exc
+    final = dict(result.metrics or {})
+    if "diverged" in final:
+        raise TrialFailed(final["diverged"])
+    if not result.best_checkpoints:
+        raise TrialFailed("training reported no checkpoint")
+    best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda item: item[1].get(PROXY_METRIC, -1.0))
+    history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+    return TrainOutcome(best_checkpoint, dict(best_metrics), result.checkpoint, final, history, result.path)

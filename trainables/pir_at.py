@@ -1,0 +1,402 @@
+"""The PIR-AT per-worker loop: PGD adversarial examples (model in eval mode), then the update (train mode).
+
+`PirAt` is plain PyTorch (usable in any process, e.g. the benchmark's plain loop); `train_loop_per_worker`
+is the Ray Train glue: dataset shards, DDP, checkpoints with exact resume, per-epoch reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from data.classes import IGNORE_INDEX
+from trainables import metrics
+from trainables.attacks import apgd, pgd
+from trainables.models import build_model
+from trainables.schedule import warmup_poly
+from trainables.units import to_unit
+
+CHECKPOINT_FILE = "state.pt"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the trial stops without writing a checkpoint."""
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint that does not fit the configured model (another architecture or class count)."""
+
+
+def build_from_config(cfg: dict[str, Any], num_classes: int) -> torch.nn.Module:
+    """The segmentation model of a config's `model` section (PIR weights loaded when given)."""
+    m = cfg["model"]
+    return build_model(
+        m["decoder"], m["backbone"], num_classes, stem=m["stem"],
+        backbone_weights=m.get("backbone_weights"), decoder_width=m["decoder_width"],
+    )
+
+
+@dataclass
+class StepTimes:
+    """Seconds spent per phase of the training step, summed over an epoch."""
+
+    attack: float = 0.0
+    forward_backward: float = 0.0
+    optimizer: float = 0.0
+    data: float = 0.0
+
+    def as_metrics(self) -> dict[str, float]:
+        total = self.attack + self.forward_backward + self.optimizer + self.data
+        out = {f"time_{k}_s": v for k, v in vars(self).items()}
+        out.update({f"frac_{k}": (v / total if total else 0.0) for k, v in vars(self).items()})
+        return out
+
+
+@dataclass
+class EpochStats:
+    loss_sum: float = 0.0
+    steps: int = 0
+    images: int = 0
+    times: StepTimes = field(default_factory=StepTimes)
+
+
+class PirAt:
+    """Model, optimizer, schedule and one adversarial training step, free of any Ray dependency."""
+
+    def __init__(self, cfg: dict[str, Any], num_classes: int, steps_per_epoch: int,
+                 device: torch.device | str = "cpu", model: torch.nn.Module | None = None):
+        train = cfg["train"]
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.device = torch.device(device)
+        self.steps_per_epoch = steps_per_epoch
+        self.module = (model if model is not None else build_from_config(cfg, num_classes)).to(self.device)
+        self.model = self.module  # replaced by the DDP wrapper in distributed runs
+        self.channels_last = bool(train["channels_last"]) and self.device.type == "cuda"
+        if self.channels_last:
+            self.module = self.module.to(memory_format=torch.channels_last)
+        precision = train["precision"]
+        if precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("train.precision = 'fp16' needs a GPU; use 'bf16' or 'fp32' on CPU")
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
+        total = train["epochs"] * steps_per_epoch
+        warmup = int(round(train["warmup_epochs"] * steps_per_epoch))
+        self.scheduler = warmup_poly(self.optimizer, total_steps=total, warmup_steps=warmup, power=train["poly_power"])
+        attack = train["attack"]
+        self.attack_steps = int(attack["steps"])
+        self.eps = to_unit(attack["eps"])
+        self.step_size = to_unit(attack["step_size"])
+        self.random_start = bool(attack["random_start"])
+        self.grad_clip = train.get("grad_clip")
+        self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    # -- one step -------------------------------------------------------------------------------------
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def adversarial(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """PGD examples at the training ε with the model in eval mode (k = 0: the clean images).
+
+        Parameters are frozen meanwhile: the attack needs input gradients only, and DDP's gradient
+        hooks must not fire for the attack's backward passes."""
+        if self.attack_steps == 0 or self.eps == 0:
+            return x
+        self.module.eval()
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            with self._autocast():
+                x_adv = pgd(self.module, x, y, eps=self.eps, steps=self.attack_steps, step_size=self.step_size,
+                            loss="ce", random_start=self.random_start, ignore_index=IGNORE_INDEX)
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+        return x_adv.detach()
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, times: StepTimes) -> torch.Tensor:
+        """Attack, forward/backward in train mode, optimizer update; returns the loss (a device tensor)."""
+        t0 = time.perf_counter()
+        x_adv = self.adversarial(x, y)
+        self._sync()
+        t1 = time.perf_counter()
+        self.model.train()
+        with self._autocast():
+            logits = self.model(x_adv)
+            loss = F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self._sync()
+        t2 = time.perf_counter()
+        if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self._sync()
+        t3 = time.perf_counter()
+        times.attack += t1 - t0
+        times.forward_backward += t2 - t1
+        times.optimizer += t3 - t2
+        return loss.detach()
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = batch["image"].to(self.device, non_blocking=True)
+        y = batch["label"].to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    def train_epoch(self, batches: Iterable[dict[str, torch.Tensor]], epoch: int) -> EpochStats:
+        """One pass over `batches`; raises TrainingDiverged (on every rank) at the first non-finite loss."""
+        stats = EpochStats()
+        iterator: Iterator = iter(batches)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(iterator, None)
+            stats.times.data += time.perf_counter() - t0
+            if batch is None:
+                break
+            x, y = self._to_device(batch)
+            loss = self.step(x, y, stats.times)
+            value = float(loss)
+            bad = torch.tensor([0.0 if math.isfinite(value) else 1.0])
+            if self.world_size > 1:
+                dist.all_reduce(bad)
+            if bad.item() > 0:
+                raise TrainingDiverged(
+                    f"non-finite training loss at epoch {epoch} step {stats.steps + 1} (loss {value}); "
+                    "no checkpoint written for this epoch"
+                )
+            stats.loss_sum += value
+            stats.steps += 1
+            stats.images += x.shape[0]
+        return stats
+
+    # -- validation -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _predict(self, x: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.module(x).argmax(1)
+
+    def validate(self, batches: Iterable[dict[str, torch.Tensor]], *, proxy_iterations: int,
+                 rank: int = 0, world_size: int = 1, seed: int = 0) -> dict[str, float]:
+        """Clean mIoU/aAcc and the robust proxy (APGD-CE, few iterations, training ε) on a fixed subset.
+
+        Rank r takes every world_size-th batch; confusion matrices are summed over ranks."""
+        self.module.eval()
+        k = self.num_classes
+        clean = torch.zeros(k, k, dtype=torch.long, device=self.device)
+        robust = torch.zeros_like(clean)
+        proxy_eps = self.eps
+        for index, batch in enumerate(batches):
+            if index % world_size != rank:
+                continue
+            x, y = self._to_device(batch)
+            clean += metrics.confusion_matrix(self._predict(x), y, k, ignore_index=IGNORE_INDEX)
+            if proxy_eps > 0:
+                x_adv = apgd(self.module, x, y, eps=proxy_eps, n_iter=proxy_iterations, loss="ce",
+                             red_eps=False, ignore_index=IGNORE_INDEX, seed=seed + index)
+                robust += metrics.confusion_matrix(self._predict(x_adv), y, k, ignore_index=IGNORE_INDEX)
+        if world_size > 1:
+            dist.all_reduce(clean)
+            dist.all_reduce(robust)
+        out = {f"clean_{name}": value for name, value in metrics.scores(clean).items()}
+        if proxy_eps > 0:
+            out.update({f"robust_{name}": value for name, value in metrics.scores(robust).items()})
+        else:  # no budget: robustness at ε = 0 is the clean result
+            out.update({f"robust_{name}": value for name, value in metrics.scores(clean).items()})
+        return out
+
+    # -- state ----------------------------------------------------------------------------------------
+
+    def state_dict(self, epoch: int) -> dict[str, Any]:
+        """Everything an exact resume needs: model, optimizer, scheduler, scaler, epoch and RNG states."""
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
+            "num_classes": self.num_classes,
+            "model_config": self.cfg["model"],
+        }
+
+    def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> int:
+        """Restore a state written by `state_dict`; returns the epoch it was taken after."""
+        load_model_state(self.module, state, source)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        return int(state["epoch"])
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, Any], source: str) -> None:
+    """Load a checkpoint's model weights exactly, or fail naming the keys and shapes that differ."""
+    weights = state["model"] if "model" in state and isinstance(state["model"], dict) else state
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    shapes = sorted(k for k in set(own) & set(weights) if tuple(own[k].shape) != tuple(weights[k].shape))
+    if missing or unexpected or shapes:
+        def head(keys, n=8):
+            return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing: {head(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected: {head(unexpected)}")
+        if shapes:
+            parts.append(f"{len(shapes)} with another shape: "
+                         + head([f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in shapes]))
+        saved = state.get("model_config") if isinstance(state, dict) else None
+        about = f" (checkpoint model: {saved})" if saved else ""
+        raise CheckpointMismatch(f"{source} does not fit the configured model{about}: " + "; ".join(parts))
+    model.load_state_dict(weights)
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of every parameter and buffer: equal on all DDP replicas when they are in sync."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _gather(value: str, world_size: int) -> str:
+    """Comma-joined values of every rank (rank order); the value itself on one worker."""
+    if world_size == 1:
+        return value
+    values: list[Any] = [None] * world_size
+    dist.all_gather_object(values, value)
+    return ",".join(values)
+
+
+def read_state(path: str) -> dict[str, Any]:
+    """Read a training state file; weights_only so a checkpoint can never run code."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# -- Ray Train glue ---------------------------------------------------------------------------------------
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point: resume if a checkpoint exists, train, validate, checkpoint every epoch."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = loop_config["config"]
+    train = cfg["train"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    threads = loop_config.get("threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    _seed_everything(train["seed"])  # same initial weights on every rank
+    device = ray.train.torch.get_device()
+    trainer = PirAt(cfg, loop_config["num_classes"], loop_config["steps_per_epoch"], device=device)
+    trainer.model = ray.train.torch.prepare_model(trainer.module, move_to_device=False)
+    trainer.world_size = world
+
+    node = _gather(ray.get_runtime_context().get_node_id(), world)
+    start_epoch = 1
+    checkpoint = ray.train.get_checkpoint()
+    source = "the run's latest checkpoint"
+    if checkpoint is None and loop_config.get("resume_from"):
+        checkpoint = ray.train.Checkpoint(loop_config["resume_from"])
+        source = f"resume_from {loop_config['resume_from']}"
+    last_val: dict[str, float] = {}
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = read_state(os.path.join(folder, CHECKPOINT_FILE))
+        start_epoch = trainer.load_state_dict(state, source) + 1
+        last_val = state.get("last_val", {})
+        print(f"[rank {rank}] resumed from {source} after epoch {start_epoch - 1}", flush=True)
+
+    resumed_from = start_epoch - 1
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    batch = loop_config["per_worker_batch"]
+    epochs = train["epochs"]
+    for epoch in range(start_epoch, epochs + 1):
+        # Seeded per (epoch, rank): a resumed run draws the same random starts as an uninterrupted one.
+        _seed_everything(train["seed"] * 100003 + epoch * 101 + rank)
+        started = time.perf_counter()
+        batches = train_shard.iter_torch_batches(batch_size=batch, drop_last=True, prefetch_batches=2)
+        try:
+            stats = trainer.train_epoch(batches, epoch)
+        except TrainingDiverged as exc:
+            ray.train.report({"epoch": epoch, "diverged": str(exc)})
+            return
+        seconds = time.perf_counter() - started
+        if epoch % train["val_every"] == 0 or epoch == epochs:
+            last_val = trainer.validate(
+                val_shard.iter_torch_batches(batch_size=batch), proxy_iterations=train["proxy_iterations"],
+                rank=rank, world_size=world, seed=train["seed"],
+            )
+            last_val["validated_epoch"] = epoch
+        images = stats.images * world
+        report = {
+            "epoch": epoch,
+            "loss": stats.loss_sum / max(stats.steps, 1),
+            "lr": trainer.scheduler.get_last_lr()[0],
+            "images_per_s": images / seconds if seconds else 0.0,
+            "epoch_s": seconds,
+            "steps": stats.steps,
+            "resumed_from_epoch": resumed_from,
+            "worker_nodes": node,
+            "param_fingerprints": _gather(fingerprint(trainer.module), world),
+            **stats.times.as_metrics(),
+            **last_val,
+        }
+        with tempfile.TemporaryDirectory() as folder:
+            ckpt = None
+            if rank == 0:
+                state = trainer.state_dict(epoch)
+                state["last_val"] = last_val
+                torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
+                ckpt = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
