@@ -65,6 +65,7 @@ SUMMARY_COLUMNS = ("trial_name", "status", "attack_steps", "eps", "epochs", "bac
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value; the full config is in config.yaml
 MAX_TAG_CHARS = 8000
 BATCH = 100  # params/tags per log_batch request (MLflow's limit)
+FRACTION_SCORES = ("miou", "aacc", "macc")
 
 
 def resolve_tracking_uri(config: Config, override_given: bool, cwd: str | Path | None = None) -> str:
@@ -93,17 +94,16 @@ def redact(value: str) -> str:
 
 def is_secret_key(key: str) -> bool:
     """Whether a config/param key names a secret (its value is never logged)."""
-    last = key.lower()
-    return any(word in last for word in SECRET_KEY_WORDS)
+    lowered = key.lower()
+    return any(word in lowered for word in SECRET_KEY_WORDS)
 
 
-def redact_tree(tree: Any, key: str = "") -> Any:
+def redact_tree(tree: Any) -> Any:
     """A copy of a nested mapping/list with secret-named keys' values as *** and every string redacted."""
     if isinstance(tree, Mapping):
-        return {k: (REDACTED if is_secret_key(str(k)) and v is not None else redact_tree(v, str(k)))
-                for k, v in tree.items()}
+        return {k: (REDACTED if is_secret_key(str(k)) and v is not None else redact_tree(v)) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return [redact_tree(v, key) for v in tree]
+        return [redact_tree(v) for v in tree]
     if isinstance(tree, str):
         return redact(tree)
     return tree
@@ -113,7 +113,7 @@ def param_value(key: str, value: Any) -> str:
     """A config value as an MLflow param string: redacted, lists/mappings as JSON, cut at MLflow's limit."""
     if is_secret_key(key) and value is not None:
         return REDACTED
-    value = redact_tree(value, key)
+    value = redact_tree(value)
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     if len(text) > MAX_PARAM_CHARS:
         marker = "...(truncated; see config.yaml)"
@@ -157,12 +157,12 @@ def as_number(value: Any) -> float | None:
     return float(inner)
 
 
-def _fraction(name: str, value: Any) -> float:
-    """A score that must be a fraction in [0, 1] (NaN allowed); percent or non-numbers are errors."""
+def _score(name: str, score: str, value: Any) -> float:
+    """A logged score; mIoU/aAcc/mAcc must be fractions in [0, 1] (NaN allowed), so percent is an error."""
     number = as_number(value)
     if number is None:
-        raise ValueError(f"{name} = {value!r}: must be a number (a fraction in [0, 1])")
-    if not math.isnan(number) and not -1e-9 <= number <= 1 + 1e-9:
+        raise ValueError(f"{name} = {value!r}: must be a number")
+    if score in FRACTION_SCORES and not math.isnan(number) and not -1e-9 <= number <= 1 + 1e-9:
         raise ValueError(f"{name} = {number:g}: scores are logged as fractions in [0, 1], not percent")
     return number
 
@@ -173,7 +173,7 @@ def final_metrics(clean: Mapping[str, Any], sea: Mapping[float, Mapping[str, Map
     metrics: dict[str, float] = {}
     for key, value in clean.items():
         if as_number(value) is not None:
-            metrics[metric_key(f"clean_{key}")] = _fraction(f"clean[{key!r}]", value)
+            metrics[metric_key(f"clean_{key}")] = _score(f"clean[{key!r}]", key, value)
     for eps in sorted(sea, key=float):
         label = eps_label(float(eps))
         scores = sea[eps]
@@ -192,7 +192,7 @@ def final_metrics(clean: Mapping[str, Any], sea: Mapping[float, Mapping[str, Map
                     key = f"sea_clean_{score}_eps{label}"
                 else:
                     key = f"sea_{name}_{score}_eps{label}"
-                metrics[metric_key(key)] = _fraction(f"sea[{label}][{name!r}][{score!r}]", value)
+                metrics[metric_key(key)] = _score(f"sea[{label}][{name!r}][{score!r}]", score, value)
     for name, value in (("train_hours", train_hours), ("attack_hours", attack_hours)):
         number = as_number(value)
         if number is None or number < 0:
@@ -244,7 +244,12 @@ class SweepTracker:
         if experiment is None:
             print(f"tracking: creating MLflow experiment {name!r} at {redact(self.tracking_uri)}"
                   + (f" (artifacts: {redact(wanted)})" if wanted else ""), flush=True)
-            return self.client.create_experiment(name, artifact_location=wanted)
+            try:
+                return self.client.create_experiment(name, artifact_location=wanted)
+            except Exception:  # another driver created it meanwhile; anything else re-raises below
+                experiment = self.client.get_experiment_by_name(name)
+                if experiment is None:
+                    raise
         if experiment.lifecycle_stage == "deleted":
             raise ValueError(
                 f"tracking.experiment = {name!r}: this experiment is deleted in {redact(self.tracking_uri)}; "
@@ -322,9 +327,11 @@ class SweepTracker:
                 self._children[trial_name] = run_id
                 print(f"tracking: MLflow run {run_id} for trial {trial_name!r}", flush=True)
             else:
-                status = self.client.get_run(run_id).info.status
-                if status in ("FAILED", "KILLED"):
+                run = self.client.get_run(run_id)
+                if run.info.status in ("FAILED", "KILLED"):
                     self.client.update_run(run_id, status="RUNNING")
+                    if TAG_FAILURE in run.data.tags:
+                        self.client.delete_tag(run_id, TAG_FAILURE)
         flat = flatten(to_dict(trial_config))
         params = config_params(trial_config)
         params.update({short: param_value(path, flat[path]) for short, path in SHORT_PARAMS.items()})

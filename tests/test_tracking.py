@@ -6,15 +6,8 @@ store, a `mlflow server` process on 127.0.0.1 over HTTP, and S3 artifacts on the
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +29,8 @@ from orchestrator.tracking import (
     redact_tree,
 )
 
-from .conftest import REPO, _free_port
+from .conftest import REPO
+from .mlflow_server import mlflow_server
 
 DEMO = REPO / "experiments" / "configs" / "demo.yaml"
 SEA_EPS = (0.5, 4.0)
@@ -218,15 +212,21 @@ def test_resume_reuses_parent_and_children(tmp_path, monkeypatch):
     assert other.parent_run_id not in (first.parent_run_id, third.parent_run_id)
 
 
-def test_resume_of_failed_parent_restarts_it(tmp_path, monkeypatch):
+def test_resume_of_failed_sweep_restarts_parent_and_failed_child(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     config = secret_config(tmp_path)
     first = SweepTracker(uri, config)
+    child = first.trial_run("steps=0", config, {"train.attack.steps": 0})
+    first.mark_failed(child, "out of memory")
     first.finish(status="FAILED")
+    assert first.client.get_run(first.parent_run_id).info.status == "FAILED"
     again = SweepTracker(uri, config, resume=True)
     assert again.parent_run_id == first.parent_run_id
     assert again.client.get_run(again.parent_run_id).info.status == "RUNNING"
+    assert again.trial_run("steps=0", config, {"train.attack.steps": 0}) == child
+    restarted = again.client.get_run(child)
+    assert restarted.info.status == "RUNNING" and "failure" not in restarted.data.tags
 
 
 def test_failed_trial_and_finish_closes_open_children(tmp_path, monkeypatch):
@@ -271,53 +271,12 @@ def test_artifacts_on_s3_artifact_location(tmp_path, monkeypatch, s3_bucket):
     assert_no_secrets(client, "pir-at-demo", tmp_path)
 
 
-@contextlib.contextmanager
-def mlflow_server(tmp_path: Path, artifacts_destination: str):
-    """A real `mlflow server` on 127.0.0.1 with a SQLite backend; yields its http:// URI; always stopped."""
-    port = _free_port()
-    env = dict(os.environ)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no background job workers for a test server
-    log = open(tmp_path / "mlflow-server.log", "w")  # noqa: SIM115 (closed in finally)
-    command = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-               "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-               "--artifacts-destination", artifacts_destination, "--workers", "1"]
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"mlflow server did not start on {url}:\n"
-                                   + (tmp_path / "mlflow-server.log").read_text()[-3000:])
-            time.sleep(0.3)
-        yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker share this group
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # anything of the group still alive
-        log.close()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("store", ["local", "s3"])
 def test_http_tracking_server(tmp_path, monkeypatch, request, store):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # Everything must use the URI it is given: a stray MLFLOW_TRACKING_URI would catch misdirected calls.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/wrong.db")
     if store == "s3":
         destination = request.getfixturevalue("s3_bucket") + "/served"
     else:
@@ -338,7 +297,7 @@ def test_http_tracking_server(tmp_path, monkeypatch, request, store):
         assert any(k.startswith("served/") and k.endswith("summary.csv") for k in keys), keys
     else:
         assert list((tmp_path / "served-artifacts").rglob("summary.csv"))
-    assert not (tmp_path / "mlruns").exists()
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "wrong.db").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,6 +354,7 @@ def test_final_metric_names_and_checks():
     assert metrics["sea_mce-bal_miou_eps0.5"] == pytest.approx(0.41)
     assert metrics["sea_miou_eps4"] == pytest.approx(0.2) and metrics["sea_clean_miou_eps4"] == 0.7
     assert "clean_name" not in metrics and metrics["train_hours"] == 1.5
+    assert final_metrics({"miou": 0.5, "loss": 2.5}, {}, 1.0, 1.0)["clean_loss"] == 2.5  # not a fraction score
     assert {metric_key(k) for k in metrics} == set(metrics)  # all valid MLflow names, unchanged
     with pytest.raises(ValueError, match="fractions in \\[0, 1\\], not percent"):
         final_metrics({"miou": 55.0}, {}, 1.0, 1.0)
