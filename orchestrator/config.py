@@ -206,6 +206,9 @@ class SeaConfig(_Section):
 class TrackingConfig(_Section):
     uri: Optional[str] = Field(None, description="MLflow tracking URI (sqlite:///..., http://...)")
     experiment: str = "pir-at"
+    artifact_location: Optional[str] = Field(
+        None, description="artifact URI of a new experiment (e.g. s3://bucket/mlflow); unset: MLflow's default"
+    )
 
 
 class ClusterConfig(_Section):

@@ -1,13 +1,71 @@
-"""MLflow tracking: where runs go (URI resolution) and what each run records."""
+"""MLflow tracking: where runs go (URI resolution) and what each run records.
+
+One parent run per sweep, one child run per trial (tag `mlflow.parentRunId`). Every score is logged
+as a fraction in [0, 1] (never percent); ε in metric names is in units of 1/255 written by
+`trainables.units.eps_label` (`sea_miou_eps4`, `sea_mce-bal_miou_eps0.5`). MLflow accepts '-' and
+'.' in metric names, so loss names are used as they are. Nothing secret is logged: URIs lose their
+user/password and credential query parameters, and values of secret-named keys become `***`.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import math
+import numbers
 import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from orchestrator.config import Config
+import yaml
+
+from orchestrator.config import Config, flatten, to_dict
+from trainables.units import eps_label
 
 DEFAULT_DB = "mlruns.db"
+
+# Tags that identify this project's runs (a resumed sweep finds its parent and children by them).
+TAG_ROLE = "run_role"
+TAG_SWEEP = "sweep_name"
+TAG_STORAGE = "sweep_storage_path"
+TAG_TRIAL = "trial_name"
+TAG_PARENT = "mlflow.parentRunId"
+TAG_FAILURE = "failure"
+TAG_OVERRIDES = "trial_overrides"
+ROLE_SWEEP, ROLE_TRIAL = "sweep", "trial"
+
+REDACTED = "***"
+SECRET_KEY_WORDS = ("secret", "token", "password", "passwd", "access_key", "credential", "api_key", "private_key")
+# Query parameters whose values are credentials (S3/GCS/Azure presigned URLs, tokens, keys).
+_SECRET_QUERY = re.compile(
+    r"(?P<name>[?&;][^=&#;\s]*(?:signature|credential|token|key|secret|password|passwd|sig|auth)[^=&#;\s]*=)"
+    r"[^&#;\s]*",
+    re.IGNORECASE,
+)
+_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/?#@\s]+@")
+_BAD_METRIC_CHARS = re.compile(r"[^\w.\- /:]")
+
+# Short param names a trial gets on top of the flattened config (for the MLflow UI's columns).
+SHORT_PARAMS = {
+    "attack_steps": "train.attack.steps",
+    "eps": "train.attack.eps",
+    "epochs": "train.epochs",
+    "backbone": "model.backbone",
+    "init": "model.init",
+    "dataset": "data.dataset",
+    "decoder": "model.decoder",
+}
+SUMMARY_COLUMNS = ("trial_name", "status", "attack_steps", "eps", "epochs", "backbone", "init")
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value; the full config is in config.yaml
+MAX_TAG_CHARS = 8000
+BATCH = 100  # params/tags per log_batch request (MLflow's limit)
+FRACTION_SCORES = ("miou", "aacc", "macc")
 
 
 def resolve_tracking_uri(config: Config, override_given: bool, cwd: str | Path | None = None) -> str:
@@ -21,3 +79,448 @@ def resolve_tracking_uri(config: Config, override_given: bool, cwd: str | Path |
     if config.tracking.uri:
         return config.tracking.uri
     return f"sqlite:///{Path(cwd or os.getcwd()).resolve() / DEFAULT_DB}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Secrets
+
+
+def redact(value: str) -> str:
+    """Remove credentials from text: `scheme://user:pass@host` -> `scheme://***@host`, and the values of
+    query parameters such as X-Amz-Signature, X-Amz-Credential, token=, key=, sig= become ***."""
+    text = _USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", str(value))
+    return _SECRET_QUERY.sub(lambda m: f"{m.group('name')}{REDACTED}", text)
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a config/param key names a secret (its value is never logged)."""
+    lowered = key.lower()
+    return any(word in lowered for word in SECRET_KEY_WORDS)
+
+
+def redact_tree(tree: Any) -> Any:
+    """A copy of a nested mapping/list with secret-named keys' values as *** and every string redacted."""
+    if isinstance(tree, Mapping):
+        return {k: (REDACTED if is_secret_key(str(k)) and v is not None else redact_tree(v)) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [redact_tree(v) for v in tree]
+    if isinstance(tree, str):
+        return redact(tree)
+    return tree
+
+
+def param_value(key: str, value: Any) -> str:
+    """A config value as an MLflow param string: redacted, lists/mappings as JSON, cut at MLflow's limit."""
+    if is_secret_key(key) and value is not None:
+        return REDACTED
+    value = redact_tree(value)
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    if len(text) > MAX_PARAM_CHARS:
+        marker = "...(truncated; see config.yaml)"
+        text = text[: MAX_PARAM_CHARS - len(marker)] + marker
+    return text
+
+
+def config_params(config: Config) -> dict[str, str]:
+    """The flattened config (`train.attack.steps` -> '2') as redacted param strings."""
+    return {key: param_value(key, value) for key, value in flatten(to_dict(config)).items()}
+
+
+def config_yaml(config: Config) -> str:
+    """The resolved config as YAML, with secrets redacted (the `config.yaml` artifact)."""
+    return yaml.safe_dump(redact_tree(to_dict(config)), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metric helpers
+
+
+def metric_key(name: str) -> str:
+    """A metric name MLflow accepts: characters outside letters, digits, _ - . / : and space become '_'."""
+    return _BAD_METRIC_CHARS.sub("_", str(name))
+
+
+def as_number(value: Any) -> float | None:
+    """A real number (Python, NumPy, or a one-element array/tensor) as float; None for anything else, bools too."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    item = getattr(value, "item", None)
+    numel = getattr(value, "numel", None)
+    count = numel() if callable(numel) else getattr(value, "size", None)
+    if not callable(item) or count != 1:
+        return None
+    inner = item()
+    if isinstance(inner, bool) or not isinstance(inner, numbers.Real):
+        return None
+    return float(inner)
+
+
+def _score(name: str, score: str, value: Any) -> float:
+    """A logged score; mIoU/aAcc/mAcc must be fractions in [0, 1] (NaN allowed), so percent is an error."""
+    number = as_number(value)
+    if number is None:
+        raise ValueError(f"{name} = {value!r}: must be a number")
+    if score in FRACTION_SCORES and not math.isnan(number) and not -1e-9 <= number <= 1 + 1e-9:
+        raise ValueError(f"{name} = {number:g}: scores are logged as fractions in [0, 1], not percent")
+    return number
+
+
+def final_metrics(clean: Mapping[str, Any], sea: Mapping[float, Mapping[str, Mapping[str, Any]]],
+                  train_hours: float, attack_hours: float) -> dict[str, float]:
+    """The final metric names and values of a trial (see SweepTracker.log_result)."""
+    metrics: dict[str, float] = {}
+    for key, value in clean.items():
+        if as_number(value) is not None:
+            metrics[metric_key(f"clean_{key}")] = _score(f"clean[{key!r}]", key, value)
+    for eps in sorted(sea, key=float):
+        label = eps_label(float(eps))
+        scores = sea[eps]
+        if "worst" not in scores:
+            raise ValueError(f"sea[{label}] has no 'worst' entry (keys: {sorted(scores)}); pass the dict "
+                             "returned by trainables.attacks.aggregate")
+        for name, values in scores.items():
+            if not isinstance(values, Mapping):
+                raise ValueError(f"sea[{label}][{name!r}] = {values!r}: must be a mapping like {{'miou': ...}}")
+            for score, value in values.items():
+                if as_number(value) is None:
+                    continue
+                if name == "worst":
+                    key = f"sea_{score}_eps{label}"
+                elif name == "clean":
+                    key = f"sea_clean_{score}_eps{label}"
+                else:
+                    key = f"sea_{name}_{score}_eps{label}"
+                metrics[metric_key(key)] = _score(f"sea[{label}][{name!r}][{score!r}]", score, value)
+    for name, value in (("train_hours", train_hours), ("attack_hours", attack_hours)):
+        number = as_number(value)
+        if number is None or number < 0:
+            raise ValueError(f"{name} = {value!r}: must be a number >= 0 (hours)")
+        metrics[name] = number
+    return metrics
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _warn(message: str) -> None:
+    print(f"tracking: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tracker
+
+
+class SweepTracker:
+    """Records a sweep in MLflow through explicit run ids (no global active run): a parent run for the
+    sweep, a child run per trial, their params, metrics, plots and a summary table.
+
+    With `resume=True` the latest parent run of the same sweep name and storage path that is not
+    FINISHED is reused (and so are its children, by trial name) instead of starting new runs.
+    """
+
+    def __init__(self, tracking_uri: str, config: Config, *, resume: bool = False):
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.config = config
+        self.resume = resume
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self._lock = threading.RLock()
+        self._children: dict[str, str] = {}
+        self.experiment_id = self._experiment()
+        self.parent_run_id = self._parent()
+        self._log_params(self.parent_run_id, config_params(config))
+        self.client.log_text(self.parent_run_id, config_yaml(config), "config.yaml")
+
+    # -- setup ------------------------------------------------------------------------------------
+
+    def _experiment(self) -> str:
+        name = self.config.tracking.experiment
+        wanted = self.config.tracking.artifact_location
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:
+            print(f"tracking: creating MLflow experiment {name!r} at {redact(self.tracking_uri)}"
+                  + (f" (artifacts: {redact(wanted)})" if wanted else ""), flush=True)
+            try:
+                return self.client.create_experiment(name, artifact_location=wanted)
+            except Exception:  # another driver created it meanwhile; anything else re-raises below
+                experiment = self.client.get_experiment_by_name(name)
+                if experiment is None:
+                    raise
+        if experiment.lifecycle_stage == "deleted":
+            raise ValueError(
+                f"tracking.experiment = {name!r}: this experiment is deleted in {redact(self.tracking_uri)}; "
+                "restore it (mlflow experiments restore) or choose another tracking.experiment"
+            )
+        if wanted and experiment.artifact_location.rstrip("/") != wanted.rstrip("/"):
+            _warn(f"experiment {name!r} already stores artifacts at {redact(experiment.artifact_location)}; "
+                  f"tracking.artifact_location = {redact(wanted)} only applies to a new experiment")
+        return experiment.experiment_id
+
+    def _search(self, filter_string: str) -> list:
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=1000,
+                                           order_by=["attributes.start_time DESC"], page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def _parent(self) -> str:
+        sweep = self.config.sweep
+        storage = redact(sweep.storage_path)
+        if self.resume:
+            for run in self._search(f"tags.{TAG_ROLE} = '{ROLE_SWEEP}'"):
+                tags = run.data.tags
+                if (tags.get(TAG_SWEEP) == sweep.name and tags.get(TAG_STORAGE) == storage
+                        and run.info.status != "FINISHED"):
+                    run_id = run.info.run_id
+                    print(f"tracking: resuming MLflow parent run {run_id} ({run.info.status}) of sweep "
+                          f"{sweep.name!r}", flush=True)
+                    if run.info.status != "RUNNING":
+                        self.client.update_run(run_id, status="RUNNING")
+                    for child in self._search(f"tags.{TAG_PARENT} = '{run_id}'"):
+                        name = child.data.tags.get(TAG_TRIAL)
+                        if name is not None and name not in self._children:
+                            self._children[name] = child.info.run_id
+                    return run_id
+            _warn(f"resume: no unfinished MLflow parent run of sweep {sweep.name!r} (storage {storage}); "
+                  "starting a new one")
+        tags = {TAG_ROLE: ROLE_SWEEP, TAG_SWEEP: sweep.name, TAG_STORAGE: storage}
+        run = self.client.create_run(self.experiment_id, run_name=sweep.name, tags=tags)
+        print(f"tracking: MLflow parent run {run.info.run_id} for sweep {sweep.name!r}", flush=True)
+        return run.info.run_id
+
+    def _log_params(self, run_id: str, params: Mapping[str, str]) -> None:
+        """Log params in batches; on a resumed run, existing params are kept and differing ones reported."""
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(run_id).data.params
+        fresh = {}
+        for key, value in params.items():
+            if key not in existing:
+                fresh[key] = value
+            elif existing[key] != value:
+                _warn(f"run {run_id}: param {key} was logged as {existing[key]!r}, now {value!r}; "
+                      "MLflow params cannot change, the first value is kept")
+        items = list(fresh.items())
+        for start in range(0, len(items), BATCH):
+            self.client.log_batch(run_id, params=[Param(k, v) for k, v in items[start:start + BATCH]])
+
+    # -- trials -----------------------------------------------------------------------------------
+
+    def trial_run(self, trial_name: str, trial_config: Config, overrides: Mapping[str, Any]) -> str:
+        """The child run of a trial (created once; with resume, the existing child of that name): its
+        params are the flattened trial config plus short names (attack_steps, eps, epochs, backbone,
+        init, dataset, decoder); artifact `config.yaml` is the resolved trial config."""
+        with self._lock:
+            run_id = self._children.get(trial_name)
+            if run_id is None:
+                tags = {TAG_PARENT: self.parent_run_id, TAG_ROLE: ROLE_TRIAL, TAG_TRIAL: trial_name,
+                        TAG_SWEEP: self.config.sweep.name,
+                        TAG_OVERRIDES: redact(json.dumps(redact_tree(dict(overrides)), sort_keys=True, default=str))}
+                run_id = self.client.create_run(self.experiment_id, run_name=trial_name, tags=tags).info.run_id
+                self._children[trial_name] = run_id
+                print(f"tracking: MLflow run {run_id} for trial {trial_name!r}", flush=True)
+            else:
+                run = self.client.get_run(run_id)
+                if run.info.status in ("FAILED", "KILLED"):
+                    self.client.update_run(run_id, status="RUNNING")
+                    if TAG_FAILURE in run.data.tags:
+                        self.client.delete_tag(run_id, TAG_FAILURE)
+        flat = flatten(to_dict(trial_config))
+        params = config_params(trial_config)
+        params.update({short: param_value(path, flat[path]) for short, path in SHORT_PARAMS.items()})
+        self._log_params(run_id, params)
+        self.client.log_text(run_id, config_yaml(trial_config), "config.yaml")
+        return run_id
+
+    def log_epoch(self, run_id: str, epoch: int, metrics: Mapping[str, Any]) -> None:
+        """Per-epoch metrics at step = epoch; non-numeric values (strings, bools, None, dicts) are skipped."""
+        from mlflow.entities import Metric
+
+        stamp = _now_ms()
+        entries = [Metric(metric_key(k), number, stamp, int(epoch))
+                   for k, v in metrics.items() if (number := as_number(v)) is not None]
+        for start in range(0, len(entries), 1000):
+            self.client.log_batch(run_id, metrics=entries[start:start + 1000])
+
+    def log_result(self, run_id: str, *, clean: Mapping[str, Any], sea: Mapping[float, Mapping[str, Any]],
+                   train_hours: float, attack_hours: float, checkpoint_uri: str) -> dict[str, float]:
+        """Final metrics (fractions in [0, 1], step 0): clean_{miou,aacc,...}; per SEA ε (1/255 units)
+        sea_{miou,aacc,macc}_eps{E} (the worst case), sea_{loss}_{score}_eps{E} per loss and
+        sea_clean_{score}_eps{E} (clean on the SEA images); train_hours, attack_hours. Artifacts:
+        `checkpoint.txt` (the redacted checkpoint URI) and `sea_miou_vs_eps.png`. Returns the metrics."""
+        from mlflow.entities import Metric, RunTag
+
+        from orchestrator.plots import sea_curve
+
+        metrics = final_metrics(clean, sea, train_hours, attack_hours)
+        stamp = _now_ms()
+        location = redact(str(checkpoint_uri))
+        self.client.log_batch(run_id, metrics=[Metric(k, v, stamp, 0) for k, v in metrics.items()],
+                              tags=[RunTag("checkpoint_uri", location[:MAX_TAG_CHARS])])
+        self.client.log_text(run_id, location + "\n", "checkpoint.txt")
+        if sea:
+            title = f"SEA: {self.client.get_run(run_id).info.run_name}"
+            figure = sea_curve(sea, clean_miou=metrics.get("clean_miou"), title=title)
+            self.client.log_figure(run_id, figure, "sea_miou_vs_eps.png")
+        return metrics
+
+    def log_examples(self, run_id: str, images, labels, clean_pred, adv_pred, *, palette=None,
+                     eps: float | None = None, class_names: Sequence[str] | None = None) -> str:
+        """A PNG grid image / ground truth / clean prediction / adversarial prediction, one row per image.
+
+        images: N×3×H×W floats in [0, 1] (un-normalised) or N×H×W×3 uint8; labels and predictions:
+        N×H×W integer class indices with 255 = ignore. The palette defaults to data.classes.VOC_PALETTE.
+        Returns the artifact path (`examples_eps{E}.png`, or `examples.png` without ε)."""
+        from data.classes import VOC_PALETTE
+        from orchestrator.plots import example_grid
+
+        figure = example_grid(_numpy(images), _numpy(labels), _numpy(clean_pred), _numpy(adv_pred),
+                              palette=VOC_PALETTE if palette is None else palette, eps=eps,
+                              class_names=class_names)
+        name = f"examples_eps{eps_label(eps)}.png" if eps is not None else "examples.png"
+        self.client.log_figure(run_id, figure, name)
+        return name
+
+    def end_trial(self, run_id: str, status: str = "FINISHED") -> None:
+        """End a child run (FINISHED, or KILLED for a trial stopped early without a result)."""
+        self.client.set_terminated(run_id, status=status)
+
+    def mark_failed(self, run_id: str, message: str) -> None:
+        """End a child run as FAILED with tag `failure` carrying the (redacted) message."""
+        self.client.set_tag(run_id, TAG_FAILURE, redact(str(message))[-MAX_TAG_CHARS:])
+        self.client.set_terminated(run_id, status="FAILED")
+
+    # -- the end ----------------------------------------------------------------------------------
+
+    def summary_rows(self) -> list[dict[str, Any]]:
+        """One row per child run in MLflow (oldest first): name, status, short params, final metrics."""
+        rows = []
+        for run in reversed(self._search(f"tags.{TAG_PARENT} = '{self.parent_run_id}'")):
+            params, metrics = run.data.params, run.data.metrics
+            row: dict[str, Any] = {"trial_name": run.data.tags.get(TAG_TRIAL, run.info.run_name),
+                                   "run_id": run.info.run_id, "status": run.info.status}
+            for short in SHORT_PARAMS:
+                row[short] = params.get(short)
+            for key in sorted(metrics, key=_metric_order):
+                if _is_final(key):
+                    row[key] = metrics[key]
+            rows.append(row)
+        return rows
+
+    def finish(self, rows: Sequence[Mapping[str, Any]] | None = None, status: str = "FINISHED") -> list[dict]:
+        """Close the sweep: children still RUNNING end FINISHED when they have a result (clean_miou),
+        else KILLED; writes `summary.csv`, `summary.md` and `sea_miou_per_trial.png` on the parent from
+        the child runs in MLflow (a resumed sweep's earlier trials included); extra `rows` (keyed by
+        `trial_name`) add columns or trials; sets the parent's status. Returns the summary rows."""
+        from orchestrator.plots import sweep_curves
+
+        for run in self._search(f"tags.{TAG_PARENT} = '{self.parent_run_id}'"):
+            if run.info.status == "RUNNING":
+                done = "clean_miou" in run.data.metrics
+                if not done:
+                    self.client.set_tag(run.info.run_id, TAG_FAILURE, "ended by the sweep's finish without a result")
+                self.client.set_terminated(run.info.run_id, status="FINISHED" if done else "KILLED")
+        table = self.summary_rows()
+        by_name = {row["trial_name"]: row for row in table}
+        for extra in rows or []:
+            name = extra.get("trial_name")
+            clean = {k: (redact(v) if isinstance(v, str) else v) for k, v in extra.items()}
+            if name in by_name:
+                by_name[name].update({k: v for k, v in clean.items() if v is not None})
+            else:
+                table.append(dict(clean))
+        self.client.log_text(self.parent_run_id, summary_csv(table), "summary.csv")
+        self.client.log_text(self.parent_run_id, summary_markdown(table), "summary.md")
+        eps = sorted({float(k.rsplit("_eps", 1)[1]) for row in table for k in row
+                      if k.startswith("sea_miou_eps")})
+        if table:
+            self.client.log_figure(self.parent_run_id, sweep_curves(table, eps), "sea_miou_per_trial.png")
+        self.client.set_terminated(self.parent_run_id, status=status)
+        print(f"tracking: sweep {self.config.sweep.name!r} {status}: {len(table)} trial(s) in MLflow run "
+              f"{self.parent_run_id}", flush=True)
+        return table
+
+
+def _numpy(array):
+    detach = getattr(array, "detach", None)
+    if callable(detach):
+        array = detach().cpu().numpy()
+    import numpy as np
+
+    return np.asarray(array)
+
+
+def _is_final(key: str) -> bool:
+    return key.startswith(("clean_", "sea_")) or key in ("train_hours", "attack_hours")
+
+
+_SEA_KEY = re.compile(r"sea_(?:(?P<name>.+)_)?(?P<score>miou|aacc|macc)_eps(?P<eps>[0-9.e+-]+)")
+_SCORES = {"miou": 0, "aacc": 1, "macc": 2}
+
+
+def _metric_order(key: str) -> tuple:
+    """Column order: clean scores, SEA worst case, SEA per loss, SEA's clean, hours; each by score then ε."""
+    if key.startswith("clean_"):
+        return (0, _SCORES.get(key[len("clean_"):], 9), 0.0, key)
+    if key in ("train_hours", "attack_hours"):
+        return (5, 0 if key == "train_hours" else 1, 0.0, key)
+    match = _SEA_KEY.fullmatch(key)
+    if match is None:
+        return (4, 0, 0.0, key)
+    name = match.group("name")
+    rank = 1 if name is None else 3 if name == "clean" else 2
+    try:
+        eps = float(match.group("eps"))
+    except ValueError:
+        eps = math.inf
+    return (rank, _SCORES[match.group("score")], eps, name or "")
+
+
+def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    columns = list(SUMMARY_COLUMNS)
+    extra = []
+    for row in rows:
+        for key in row:
+            if key not in columns and key not in extra:
+                extra.append(key)
+    metrics = sorted((k for k in extra if _is_final(k)), key=_metric_order)
+    others = [k for k in extra if not _is_final(k) and k != "run_id"]
+    return columns + metrics + others + ["run_id"]
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def summary_csv(rows: Sequence[Mapping[str, Any]]) -> str:
+    """All columns of the summary as CSV (scores as fractions in [0, 1])."""
+    columns = _columns(rows)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
+    return out.getvalue()
+
+
+def summary_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The headline columns as a Markdown table: settings, clean and worst-case SEA mIoU, hours."""
+    keep = [c for c in _columns(rows) if c in SUMMARY_COLUMNS or c in ("clean_miou", "clean_aacc",
+                                                                        "train_hours", "attack_hours")
+            or re.fullmatch(r"sea_miou_eps[\d.]+", c)]
+    lines = ["| " + " | ".join(keep) + " |", "|" + "---|" * len(keep)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(k)).replace("|", "\\|") for k in keep) + " |")
+    note = "\nScores are fractions in [0, 1]; ε in units of 1/255; sea_miou_eps{E} is SEA's worst case.\n"
+    return "\n".join(lines) + "\n" + note
