@@ -1,4 +1,4 @@
-"""Connecting to Ray: join the cluster named by config or RAY_ADDRESS (as under `ray job submit`), else start a local one."""
+"""Connecting to Ray: join the configured cluster or RAY_ADDRESS (as under `ray job submit`), else start one."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from data.classes import IGNORE_INDEX, VOC_PALETTE
 from orchestrator.config import ConfigError, load_config, with_values
-from orchestrator.plan import expand_trials, trial_name
+from orchestrator.plan import expand_trials
 from orchestrator.plots import colorize, example_grid, save_png, sea_curve, to_hwc_uint8
 from orchestrator.tracking import (
     REDACTED,
@@ -66,6 +66,11 @@ def sea_scores(worst_at_4: float) -> dict[float, dict[str, dict[str, float]]]:
         for i, loss in enumerate(LOSSES):
             out[eps][loss] = {"miou": worst + 0.01 * (i + 1), "aacc": worst + 0.06, "macc": worst + 0.03}
     return out
+
+
+def trial_name(overrides) -> str:
+    """The fake sweep's trial names, e.g. 'steps=2'."""
+    return ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted(overrides.items()))
 
 
 def run_fake_sweep(uri: str, config, *, resume=False, only=None, finish=True, fail=None) -> SweepTracker:
