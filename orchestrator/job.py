@@ -1,19 +1,134 @@
-"""The main job's stages in order: data, backbone, sweep (train + SEA), tracking summary."""
+"""The main job's stages in order: data, Ray, sweep (train), SEA scoring, MLflow summary; times each stage."""
 
 from __future__ import annotations
 
 import sys
+import time
+from contextlib import contextmanager
 
 from orchestrator.plan import Plan, format_plan
 
+# Per-epoch metrics that go to MLflow (Tune adds its own bookkeeping keys, which are left out).
+EPOCH_METRICS = ("loss", "lr", "images_per_s", "epoch_s", "time_", "frac_", "val_")
 
-class StageNotBuilt(RuntimeError):
-    """A stage of the job that this version of the project does not implement yet."""
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class StageTimer:
+    """Wall-clock seconds per stage, printed as each stage ends and summarised at the end."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        say(f"== stage {name} ...")
+        started = time.time()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.time() - started
+            say(f"== stage {name}: {self.seconds[name]:.1f}s")
+
+    def summary(self) -> str:
+        total = sum(self.seconds.values())
+        parts = ", ".join(f"{k} {v:.0f}s" for k, v in self.seconds.items())
+        return f"Stage times: {parts}; total {total:.0f}s ({total / 60:.1f} min)"
+
+
+def _epoch_metrics(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k.startswith(EPOCH_METRICS) and isinstance(v, (int, float))}
 
 
 def run_job(plan: Plan, config_path: str, resume: bool = False) -> int:
     """Run every stage of the plan; returns the process exit code."""
+    from orchestrator.cluster import connect
+    from orchestrator.data_stage import prepare_data
+    from orchestrator.sea_pool import score_checkpoint
+    from orchestrator.sweep import run_sweep
+    from orchestrator.tracking import SweepTracker, redact
+
+    config = plan.config
+    timer = StageTimer()
     print(format_plan(plan), flush=True)
-    print(f"stage 'data preparation' is not built yet; config {config_path} is valid. Nothing was run.",
-          file=sys.stderr)
-    return 3
+    with timer.stage("data"):
+        prepare_data(config)
+    with timer.stage("ray"):
+        say(connect(config))
+    tracker = SweepTracker(plan.tracking_uri, config, resume=resume)
+    runs: dict[str, str] = {}
+    trial_configs = dict(zip(plan.names, plan.trial_configs, strict=True))
+    trial_overrides = dict(zip(plan.names, plan.trials, strict=True))
+
+    def run_of(name: str) -> str:
+        if name not in runs:
+            runs[name] = tracker.trial_run(name, trial_configs[name], trial_overrides[name])
+        return runs[name]
+
+    with timer.stage("train"):
+        outcomes = run_sweep(
+            plan, resume=resume, on_start=run_of,
+            on_epoch=lambda name, epoch, result: tracker.log_epoch(run_of(name), epoch, _epoch_metrics(result)),
+        )
+    failures = 0
+    with timer.stage("sea"):
+        for outcome in outcomes:
+            run_id = run_of(outcome.name)
+            if outcome.error:
+                failures += 1
+                say(f"trial {outcome.name} failed: {outcome.error}")
+                tracker.mark_failed(run_id, outcome.error)
+                continue
+            if _already_scored(tracker, run_id, outcome.config):
+                say(f"trial {outcome.name}: SEA results already in MLflow, not scored again")
+                continue
+            checkpoint = outcome.metrics["best_checkpoint"]
+            say(f"trial {outcome.name}: SEA on {redact(checkpoint)} (best epoch {outcome.metrics.get('best_epoch')})")
+            sea = score_checkpoint(outcome.config, checkpoint, label=outcome.name)
+            first = next(iter(sea.by_eps.values()))
+            tracker.log_result(
+                run_id, clean=first["clean"], sea=sea.by_eps,
+                train_hours=float(outcome.metrics.get("train_hours", 0.0)),
+                attack_hours=float(outcome.metrics.get("attack_hours", 0.0)) + sea.seconds / 3600.0,
+                checkpoint_uri=checkpoint,
+            )
+            if sea.examples is not None:
+                ex = sea.examples
+                tracker.log_examples(run_id, ex["image"], ex["label"], ex["clean_pred"], ex["adv_pred"],
+                                     eps=ex["eps"])
+            tracker.end_trial(run_id)
+    rows = tracker.finish(status="FAILED" if failures else "FINISHED")
+    _print_summary(rows, config)
+    print(timer.summary(), flush=True)
+    print(f"Open the MLflow UI on these runs:\n  mlflow ui --backend-store-uri {redact(plan.tracking_uri)}", flush=True)
+    if failures:
+        say(f"{failures} of {len(outcomes)} trial(s) failed; see the messages above and the runs' 'failure' tags")
+        return 1
+    return 0
+
+
+def _already_scored(tracker, run_id: str, config) -> bool:
+    from trainables.units import eps_label
+
+    metrics = tracker.client.get_run(run_id).data.metrics
+    return all(f"sea_miou_eps{eps_label(e)}" in metrics for e in config.sea.eps)
+
+
+def _print_summary(rows: list[dict], config) -> None:
+    from trainables.units import eps_label
+
+    keys = ["trial_name", "attack_steps", "eps", "epochs", "clean_miou"]
+    keys += [f"sea_miou_eps{eps_label(e)}" for e in config.sea.eps] + ["train_hours"]
+    print("\nSummary (mIoU as fractions; SEA ε in 1/255):")
+    print(" | ".join(keys))
+    for row in rows:
+        cells = []
+        for key in keys:
+            value = row.get(key, "")
+            cells.append(f"{value:.4f}" if isinstance(value, float) else str(value))
+        print(" | ".join(cells))
+    print()
+
+

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray.train
-from data.pipeline import train_dataset, val_dataset
-from data.shards import read_manifest
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from data.pipeline import train_dataset, val_dataset
+from data.shards import read_manifest
 from orchestrator.config import Config, to_dict
 from trainables.pir_at import train_loop_per_worker
 
