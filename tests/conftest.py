@@ -81,3 +81,7 @@ def s3_bucket(s3_server, monkeypatch):
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+# A token-authenticated Ray head on 127.0.0.1 for `ray job submit` tests (tests/ray_head.py).
+from .ray_head import ray_head  # noqa: E402, F401
