@@ -4,6 +4,7 @@ entry point runs as a job, failures are reported, and submissions without the ri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -91,17 +92,19 @@ print('PROBE ' + json.dumps({
 def test_job_runs_from_the_uploaded_working_dir(ray_head):
     cache = REPO / ".cache"
     created_cache = not cache.exists()
-    decoy = cache / f"ray-job-decoy-{uuid.uuid4().hex[:8]}.txt"
-    cache.mkdir(exist_ok=True)
+    decoy_dir = cache / f"ray-job-decoy-{uuid.uuid4().hex[:8]}"
+    decoy = decoy_dir / "decoy.txt"
+    decoy_dir.mkdir(parents=True)
     decoy.write_text("a git-ignored file that must not be uploaded")
     submission_id = f"probe-{uuid.uuid4().hex[:8]}"
     try:
         result = ray_head.submit("python", "-c", PROBE, submission_id=submission_id,
                                  runtime_env={"env_vars": {"DECOY": str(decoy.relative_to(REPO))}})
     finally:
-        decoy.unlink()
+        shutil.rmtree(decoy_dir)
         if created_cache:
-            cache.rmdir()
+            with contextlib.suppress(OSError):  # another test may have put something there meanwhile
+                cache.rmdir()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert ray_head.job_info(submission_id)["status"] == "SUCCEEDED"
     probe = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("PROBE "))[6:])
