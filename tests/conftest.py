@@ -97,3 +97,7 @@ def demo_shards(tmp_path_factory) -> str:
     prepare_split("voc_aug", root, "train", str(shards / "train"), shard_rows=16, workers=1, progress=False)
     prepare_split("voc", root, "val", str(shards / "val"), shard_rows=16, workers=1, progress=False)
     return str(shards)
+
+
+# A token-authenticated Ray head on 127.0.0.1 for `ray job submit` tests (tests/ray_head.py).
+from .ray_head import ray_head  # noqa: E402, F401
