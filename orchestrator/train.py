@@ -15,7 +15,7 @@ from data.shards import read_manifest
 from orchestrator.config import Config, to_dict
 from trainables.pir_at import train_loop_per_worker
 
-PROXY_METRIC = "robust_miou"
+PROXY_METRIC = "val_robust_miou"
 
 
 class TrialFailed(RuntimeError):

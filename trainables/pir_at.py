@@ -225,11 +225,10 @@ class PirAt:
         if world_size > 1:
             dist.all_reduce(clean)
             dist.all_reduce(robust)
-        out = {f"clean_{name}": value for name, value in metrics.scores(clean).items()}
-        if proxy_eps > 0:
-            out.update({f"robust_{name}": value for name, value in metrics.scores(robust).items()})
-        else:  # no budget: robustness at ε = 0 is the clean result
-            out.update({f"robust_{name}": value for name, value in metrics.scores(clean).items()})
+        out = {f"val_clean_{name}": value for name, value in metrics.scores(clean).items()}
+        # No budget: robustness at ε = 0 is the clean result.
+        robust_scores = metrics.scores(robust if proxy_eps > 0 else clean)
+        out.update({f"val_robust_{name}": value for name, value in robust_scores.items()})
         return out
 
     # -- state ----------------------------------------------------------------------------------------

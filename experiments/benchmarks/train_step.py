@@ -1,0 +1,116 @@
+"""Benchmark: PIR-AT step time inside a Ray Train worker vs the same loop in a plain process, same run.
+
+Both sides run `trainables.pir_at.PirAt` with the same config and thread count; the plain side is fed
+decoded batches from memory, the Ray side streams them through the Ray Data pipeline (so data wait is
+part of what is measured there). Prints steps/s of each, the ratio (target >= 0.95) and the Ray side's
+split of step time into attack / forward-backward / optimizer / data wait (target: data wait < 5%).
+
+    python experiments/benchmarks/train_step.py [--epochs 3] [--threads 1] [key.path=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from orchestrator.config import DEFAULT_CONFIG, load_config, resolve_paths, to_dict, with_values  # noqa: E402
+from orchestrator.data_stage import prepare_data  # noqa: E402
+
+
+def plain_batches(config, steps: int, batch: int) -> list[dict[str, torch.Tensor]]:
+    """Decoded, augmented training batches held in memory (the plain loop's data costs nothing)."""
+    from data.shards import iter_samples
+    from data.transforms import train_transform
+
+    rng = np.random.default_rng(0)
+    samples = list(iter_samples(f"{config.data.shards}/train"))
+    batches = []
+    for step in range(steps):
+        pairs = [train_transform(img, lab, crop_size=config.data.crop_size, scale_range=config.data.scale_range,
+                                 rng=rng)
+                 for _, img, lab in (samples[(step * batch + i) % len(samples)] for i in range(batch))]
+        batches.append({"image": torch.from_numpy(np.stack([p[0] for p in pairs])),
+                        "label": torch.from_numpy(np.stack([p[1] for p in pairs]))})
+    return batches
+
+
+def run_plain(config, steps_per_epoch: int, epochs: int, threads: int) -> dict[str, float]:
+    from trainables.pir_at import PirAt
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(config.train.seed)
+    trainer = PirAt(to_dict(config), config.data.num_classes, steps_per_epoch)
+    batches = plain_batches(config, steps_per_epoch, config.per_worker_batch)
+    per_epoch = []
+    for epoch in range(1, epochs + 1):
+        started = time.perf_counter()
+        stats = trainer.train_epoch(batches, epoch)
+        per_epoch.append((time.perf_counter() - started, stats))
+    seconds = sum(s for s, _ in per_epoch[1:])  # the first epoch warms up
+    steps = sum(st.steps for _, st in per_epoch[1:])
+    return {"steps_per_s": steps / seconds, "step_s": seconds / steps}
+
+
+def run_ray(config, epochs: int, threads: int, storage: str) -> dict[str, float]:
+    import ray
+
+    from orchestrator.train import build_trainer, fit
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}})
+    try:
+        config = with_values(config, {"cluster.workers": 1, "cluster.cpus_per_worker": threads})
+        outcome = fit(build_trainer(config, name="bench", storage_path=storage))
+    finally:
+        ray.shutdown()
+    rows = [r for r in outcome.history if int(r["epoch"]) > 1]
+    step_time = {k: sum(float(r[f"time_{k}_s"]) for r in rows) for k in ("attack", "forward_backward",
+                                                                          "optimizer", "data")}
+    steps = sum(int(r["steps"]) for r in rows)
+    seconds = sum(float(r["epoch_s"]) for r in rows)
+    total = sum(step_time.values())
+    return {"steps_per_s": steps / seconds, "step_s": seconds / steps,
+            **{f"frac_{k}": v / total for k, v in step_time.items()}}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per side; the first is warm-up")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the training loop, both sides")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = resolve_paths(load_config(args.config, args.overrides), Path.cwd())
+        config = with_values(config, {"train.epochs": args.epochs, "train.val_every": args.epochs,
+                                      "train.val_images": config.per_worker_batch})
+        prepare_data(config)
+        from data.shards import read_manifest
+        from orchestrator.train import steps_per_epoch
+
+        steps = steps_per_epoch(int(read_manifest(f"{config.data.shards}/train")["total_rows"]),
+                                config.train.batch_size)
+        print(f"PIR-AT step: {config.model.decoder}/{config.model.backbone}, crop {config.data.crop_size}, "
+              f"batch {config.per_worker_batch}, PGD steps {config.train.attack.steps}, {args.threads} thread(s), "
+              f"{steps} steps/epoch x {args.epochs} epochs (first is warm-up)", flush=True)
+        ray_side = run_ray(config, args.epochs, args.threads, tmp)
+        plain = run_plain(config, steps, args.epochs, args.threads)
+    ratio = ray_side["steps_per_s"] / plain["steps_per_s"]
+    print(f"plain process : {plain['steps_per_s']:.3f} steps/s ({plain['step_s'] * 1000:.0f} ms/step)")
+    print(f"Ray Train     : {ray_side['steps_per_s']:.3f} steps/s ({ray_side['step_s'] * 1000:.0f} ms/step)")
+    print(f"ratio Ray/plain: {ratio:.3f} (target >= 0.95)")
+    print("Ray step split: " + ", ".join(f"{k[5:]} {100 * v:.1f}%" for k, v in ray_side.items()
+                                         if k.startswith("frac_")) + " (target: data < 5%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
