@@ -12,6 +12,7 @@ from trainables.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ConvStem,
+    build_from_config,
     build_model,
     count_parameters,
 )
@@ -149,3 +150,21 @@ def test_wrong_input_shape_is_named():
     model = build_model("upernet", "convnext_atto", 3, decoder_width=16)
     with pytest.raises(ValueError, match=r"N x 3 x H x W.*\(3, 64, 64\)"):
         model(torch.rand(3, 64, 64))
+
+
+def test_upernet_training_on_one_image_per_worker_is_refused_with_a_reason():
+    model = build_model("upernet", "convnext_atto", 3, decoder_width=16).train()
+    with pytest.raises(ValueError, match=r"needs >= 2 images per worker in training, got 1"):
+        model(torch.rand(1, 3, 64, 64))
+    model(torch.rand(2, 3, 64, 64)).mean().backward()
+    assert model.eval()(torch.rand(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+
+
+def test_build_from_the_config_model_section_records_init():
+    from orchestrator.config import ModelConfig
+
+    config = ModelConfig(decoder="upernet", backbone="convnext_atto", stem="cvst", decoder_width=16)
+    model = build_from_config(config, num_classes=4)
+    assert model.init_report == {"init": "random", "source": "random"}
+    assert (model.decoder_name, model.backbone_name, model.stem_name, model.num_classes) == (
+        "upernet", "convnext_atto", "cvst", 4)

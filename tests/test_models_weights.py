@@ -13,11 +13,13 @@ import pytest
 import timm
 import torch
 
+from orchestrator.config import ModelConfig
 from trainables.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     BackboneWeightsError,
     BackboneWeightsNotFound,
+    build_from_config,
     build_model,
     load_backbone_weights,
 )
@@ -66,6 +68,7 @@ def test_published_layouts_load_tensor_for_tensor(tmp_path, tiny_cvst_classifier
                         backbone_weights=str(path))
     _assert_backbone_equals(model, tiny_cvst_classifier)
     report = model.init_report
+    assert report["source"] == "checkpoint" and report["uri"] == str(path)
     assert (report["loaded"], report["missing"], report["unexpected"]) == (len(model.backbone.state_dict()), 0, 0)
     assert report["ignored"] == 4  # head.norm.{weight,bias}, head.fc.{weight,bias}
     assert report["layout"] == {"plain": "plain", "module": "module.", "normalize": "state_dict/normalize+model.",
@@ -82,9 +85,10 @@ def test_file_uri_and_s3_uri_load_tensor_for_tensor(tmp_path, tiny_cvst_classifi
 
     bucket = s3_bucket[len("s3://"):]
     boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).upload_file(str(path), bucket, "ckpt/robust.pt")
-    model = build_model("upernet", "convnext_tiny", 21, "cvst", backbone_weights=f"{s3_bucket}/ckpt/robust.pt")
+    uri = f"{s3_bucket}/ckpt/robust.pt"
+    model = build_from_config(ModelConfig(backbone="convnext_tiny", stem="cvst", init="pir", backbone_weights=uri), 21)
     _assert_backbone_equals(model, tiny_cvst_classifier)
-    assert model.init_report["uri"] == f"{s3_bucket}/ckpt/robust.pt"
+    assert model.init_report["init"] == "pir" and model.init_report["uri"] == uri
 
     with pytest.raises(BackboneWeightsNotFound, match=f"{s3_bucket}/ckpt/missing.pt: not found"):
         build_model("upernet", "convnext_tiny", 21, "cvst", backbone_weights=f"{s3_bucket}/ckpt/missing.pt")

@@ -1,7 +1,7 @@
 """Segmentation models (UPerNet on ConvNeXt, Segmenter on ViT) and their PIR (robust ImageNet) initialisation."""
 
 from trainables.models.backbones import BACKBONES, CONVNEXTS, VITS
-from trainables.models.build import BACKBONES_BY_DECODER, DECODERS, build_model, count_parameters
+from trainables.models.build import BACKBONES_BY_DECODER, DECODERS, build_from_config, build_model, count_parameters
 from trainables.models.normalize import IMAGENET_MEAN, IMAGENET_STD, ImageNetNormalize
 from trainables.models.segmentation import SegmentationModel
 from trainables.models.stems import STEMS, ConvStem
@@ -27,6 +27,7 @@ __all__ = [
     "ConvStem",
     "ImageNetNormalize",
     "SegmentationModel",
+    "build_from_config",
     "build_model",
     "count_parameters",
     "load_backbone_weights",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from trainables.models.backbones import BACKBONES, CONVNEXTS, VITS, create_backbone
@@ -21,7 +23,8 @@ def build_model(decoder: str, backbone: str, num_classes: int, stem: str = "patc
     """A segmentation model mapping images in [0, 1] (N x 3 x H x W) to logits N x num_classes x H x W.
 
     The backbone is randomly initialised (timm, never downloaded), then loaded from `backbone_weights` (a URI)
-    when given; `model.init_report` records what was loaded.
+    when given; `model.init_report` records what was loaded ({"source": "random"} or {"source": "checkpoint",
+    uri, layout, loaded, missing, unexpected, ignored}).
     """
     if decoder not in DECODERS:
         raise ValueError(f"model.decoder = {decoder!r}: unknown decoder; valid: {', '.join(DECODERS)}")
@@ -51,7 +54,17 @@ def build_model(decoder: str, backbone: str, num_classes: int, stem: str = "patc
     model = SegmentationModel(encoder, head, decoder=decoder, backbone_name=backbone, stem=stem,
                               num_classes=num_classes)
     if backbone_weights:
-        model.init_report = {"init": "weights", **load_backbone_weights(model, backbone_weights)}
+        model.init_report = {"source": "checkpoint", **load_backbone_weights(model, backbone_weights)}
+    return model
+
+
+def build_from_config(model_config: Any, num_classes: int) -> SegmentationModel:
+    """build_model from the config's `model` section; `init_report["init"]` records model.init (pir/clean/random)."""
+    model = build_model(
+        model_config.decoder, model_config.backbone, num_classes, model_config.stem, model_config.backbone_weights,
+        decoder_width=model_config.decoder_width,
+    )
+    model.init_report = {"init": model_config.init, **model.init_report}
     return model
 
 

@@ -28,11 +28,16 @@ class SegmentationModel(nn.Module):
         self.stem_name = stem
         self.num_classes = num_classes
         self.pad_multiple = int(backbone.reduction)
-        self.init_report: dict = {"init": "random"}
+        self.init_report: dict = {"source": "random"}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images N x 3 x H x W in [0, 1], got shape {tuple(images.shape)}")
+        if self.training and images.shape[0] < 2 and self.decoder_name == "upernet":
+            raise ValueError(
+                "UPerNet's BatchNorm (its 1x1 pyramid-pooling branch) needs >= 2 images per worker in training, "
+                "got 1: raise train.batch_size or use fewer cluster.workers"
+            )
         height, width = images.shape[-2:]
         x = self.normalize(images)
         pad_h, pad_w = (-height) % self.pad_multiple, (-width) % self.pad_multiple
