@@ -111,7 +111,7 @@ def segpgd_pixel(
     target, valid = split_labels(y, ignore_index)
     lam = step / (2.0 * total_steps)
     correct = _correct(logits, target, valid)
-    weight = torch.where(correct, 1.0 - lam, lam) * valid
+    weight = (lam + (1.0 - 2.0 * lam) * correct.to(logits.dtype)) * valid
     return _ce(logits, y, ignore_index) * weight
 
 
@@ -264,7 +264,7 @@ class FusedLoss:
                 w = base * correct_px
             elif self.name == "segpgd":
                 lam = step / (2.0 * total_steps)
-                w = base * torch.where(correct_px, 1.0 - lam, lam)
+                w = base * (lam + (1.0 - 2.0 * lam) * correct_px.to(base.dtype))
             else:  # cospgd
                 s = torch.sigmoid(logits)
                 cos = torch.sigmoid(u_y) / s.mul_(s).sum(1).sqrt_().clamp_min_(1e-12)
