@@ -1,0 +1,163 @@
+"""Attack losses: each against a direct per-pixel computation, their gradients, masks, balance and the fused path."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from trainables.losses import (
+    LOSS_NAMES,
+    LOSSES,
+    FusedLoss,
+    class_balance_weights,
+    per_image_loss,
+)
+
+IGN = 255
+K = 5
+
+
+def _batch(seed=0, n=3, h=6, w=7):
+    g = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(n, K, h, w, generator=g, dtype=torch.float64)
+    y = torch.randint(0, K, (n, h, w), generator=g)
+    y[0, 0, :4] = IGN
+    y[1, 2:4, 2:4] = IGN
+    # make roughly half of the pixels correctly classified
+    flip = torch.rand(n, h, w, generator=g) < 0.5
+    y = torch.where(flip & (y != IGN), logits.argmax(1), y)
+    return logits, y
+
+
+def _direct(name, u, label, step=0, total=1, counts=None):
+    """One pixel's loss from its logits u (numpy, K) and label, written out from ALGORITHMS.md."""
+    if label == IGN:
+        return 0.0
+    p = np.exp(u - u.max())
+    p /= p.sum()
+    ce = -math.log(p[label])
+    correct = int(np.argmax(u)) == label
+    if name == "ce":
+        return ce
+    if name == "mce":
+        return ce * correct
+    if name == "mce-bal":
+        return ce * correct / counts[label]
+    if name == "js":
+        onehot = np.eye(K)[label]
+        m = 0.5 * (p + onehot)
+        kl_p = sum(pc * math.log(pc / mc) for pc, mc in zip(p, m, strict=True) if pc > 0)
+        kl_q = sum(qc * math.log(qc / mc) for qc, mc in zip(onehot, m, strict=True) if qc > 0)
+        return 0.5 * (kl_p + kl_q)
+    if name == "segpgd":
+        lam = step / (2 * total)
+        return ce * ((1 - lam) if correct else lam)
+    if name == "cospgd":
+        s = 1 / (1 + np.exp(-u))
+        return ce * s[label] / np.linalg.norm(s)
+    if name == "mask-sph":
+        return -u[label] / np.linalg.norm(u) * correct
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_each_loss_matches_direct_per_pixel_computation(name):
+    logits, y = _batch()
+    step, total = 3, 10
+    got = LOSSES[name](logits, y, step=step, total_steps=total).numpy()
+    u, lab = logits.numpy(), y.numpy()
+    for n in range(lab.shape[0]):
+        counts = np.bincount(lab[n][lab[n] != IGN], minlength=K)
+        for i in range(lab.shape[1]):
+            for j in range(lab.shape[2]):
+                want = _direct(name, u[n, :, i, j], int(lab[n, i, j]), step, total, counts)
+                assert got[n, i, j] == pytest.approx(want, abs=1e-10), (name, n, i, j)
+    # per image: sum over the image divided by its labelled pixels
+    labelled = (y != IGN).sum((1, 2)).double()
+    torch.testing.assert_close(per_image_loss(name, logits, y, step=step, total_steps=total),
+                               torch.from_numpy(got).sum((1, 2)) / labelled)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_ignored_and_masked_pixels_get_zero_gradient(name):
+    logits, y = _batch(seed=1)
+    logits.requires_grad_(True)
+    (grad,) = torch.autograd.grad(per_image_loss(name, logits, y, step=2, total_steps=5).sum(), logits)
+    per_pixel = grad.abs().sum(1)
+    ignored = y == IGN
+    assert per_pixel[ignored].max() == 0
+    wrong = (logits.detach().argmax(1) != y) & ~ignored
+    assert wrong.any()
+    if name in ("mce", "mce-bal", "mask-sph"):
+        assert per_pixel[wrong].max() == 0
+        assert (per_pixel[~wrong & ~ignored] > 0).all()
+    else:
+        assert (per_pixel[~ignored] > 0).all()
+
+
+def test_mce_bal_gives_each_present_class_the_same_total_weight():
+    y = torch.full((2, 8, 8), 0)
+    y[0, :1, :3] = 1  # class 1: 3 pixels, class 0: 61, class 2 absent
+    y[0, 7, :] = IGN
+    y[1, :, :4] = 2
+    weights = class_balance_weights(y, 3)
+    for n in range(2):
+        present = torch.unique(y[n][y[n] != IGN])
+        totals = [float(weights[n][y[n] == c].sum()) for c in present]
+        assert totals == pytest.approx([1.0] * len(present))
+        assert weights[n][y[n] == IGN].sum() == 0
+    # behaviour: with every pixel correct and a per-class constant CE, the loss is Σ_c CE_c / labelled pixels,
+    # independent of how many pixels each class has, while plain Mask-CE is dominated by the large class
+    logits = torch.zeros(2, 3, 8, 8, dtype=torch.float64)
+    level = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    target = y.clamp(max=2)
+    logits.scatter_(1, target.unsqueeze(1), level[target].unsqueeze(1))
+    ce = torch.log(torch.exp(level) + 2) - level  # CE of a pixel of class c
+    labelled = (y != IGN).sum((1, 2)).double()
+    bal = per_image_loss("mce-bal", logits, y)
+    torch.testing.assert_close(bal[0], (ce[0] + ce[1]) / labelled[0])
+    torch.testing.assert_close(bal[1], (ce[0] + ce[2]) / labelled[1])
+    plain = per_image_loss("mce", logits, y)
+    torch.testing.assert_close(plain[0], (53 * ce[0] + 3 * ce[1]) / labelled[0])
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_fused_loss_equals_autograd_of_the_reference(name):
+    logits, y = _batch(seed=2, n=4, h=9, w=5)
+    y[3] = IGN  # an image without labelled pixels
+    logits.requires_grad_(True)
+    ref = per_image_loss(name, logits, y, step=4, total_steps=7)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), logits)
+    fused = FusedLoss(name, y)
+    value, correct, grad = fused(logits, step=4, total_steps=7)
+    torch.testing.assert_close(value, ref.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+    want_correct = ((logits.detach().argmax(1) == y) & (y != IGN)).sum((1, 2))
+    assert correct.tolist() == want_correct.tolist()
+    assert value[3] == 0 and correct[3] == 0 and grad[3].abs().max() == 0
+    # a restricted copy gives the rows of the full batch, and the reused workspace does not leak between calls
+    sub = fused.select(torch.tensor([2, 0]))
+    sub_value, _, sub_grad = sub(logits[[2, 0]], step=4, total_steps=7)
+    torch.testing.assert_close(sub_value, ref.detach()[[2, 0]], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sub_grad, ref_grad[[2, 0]], rtol=1e-10, atol=1e-12)
+
+
+def test_js_is_bounded_by_log2_and_zero_when_confidently_right():
+    logits = torch.zeros(1, K, 1, 3, dtype=torch.float64)
+    logits[0, 0, 0, 0] = 60.0  # confidently right
+    logits[0, 1, 0, 1] = 60.0  # confidently wrong
+    y = torch.zeros(1, 1, 3, dtype=torch.long)
+    js = LOSSES["js"](logits, y)[0, 0]
+    assert js[0] == pytest.approx(0.0, abs=1e-12)
+    assert js[1] == pytest.approx(math.log(2), abs=1e-12)
+    assert 0 < js[2] < math.log(2)
+
+
+def test_fused_loss_rejects_labels_outside_the_classes_and_unknown_names():
+    logits, y = _batch()
+    y[0, 1, 1] = K  # not a class and not the ignore value
+    with pytest.raises(ValueError, match=r"outside \[0, 5\)"):
+        FusedLoss("ce", y)(logits)
+    with pytest.raises(ValueError, match="valid losses: ce, mce, mce-bal, js, segpgd, cospgd, mask-sph"):
+        FusedLoss("dice", y)

@@ -1,0 +1,160 @@
+"""SEA on a small trained net: worst case vs single attacks, greedy mIoU, combining results, bad input."""
+
+import dataclasses
+import pickle
+
+import pytest
+import torch
+
+from tests.segtoy import NUM_CLASSES, make_batch, trained_toy_model
+from trainables.attacks import SeaResult, aggregate, sea
+from trainables.metrics import intersection_union
+
+EPS = 8 / 255
+LOSSES = ("mce-bal", "mce", "js")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    return trained_toy_model()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return make_batch(8, seed=7)
+
+
+@pytest.fixture(scope="module")
+def result(model, batch):
+    x, y = batch
+    return sea(model, x, y, eps=EPS, num_classes=NUM_CLASSES, n_iter=50, seed=0, ids=torch.arange(8) * 10,
+               return_adv=True)
+
+
+def test_worst_case_is_at_most_every_single_attack(result):
+    scores = aggregate([result], NUM_CLASSES)
+    assert set(scores) == {"clean", "worst", *LOSSES}
+    for name, s in scores.items():
+        print(f"{name:8s} " + "  ".join(f"{k} {v:.4f}" for k, v in s.items()))
+    worst = scores["worst"]
+    assert scores["clean"]["miou"] > 0.95 and worst["miou"] < 0.3
+    for name in ("clean", *LOSSES):
+        assert worst["aacc"] <= scores[name]["aacc"]
+        assert worst["miou"] <= scores[name]["miou"]
+    assert worst["miou_greedy"] <= worst["miou_by_acc"]
+    assert worst["miou"] <= worst["miou_greedy"]
+
+
+def test_result_counts_match_the_adversarial_images(model, batch, result):
+    x, y = batch
+    assert result.losses == LOSSES and len(result) == 8 and result.eps == EPS
+    assert result.labelled.tolist() == (y != 255).sum((1, 2)).tolist()
+    with torch.no_grad():
+        for name in ("clean", *LOSSES):
+            images = x if name == "clean" else result.adv[name]
+            if name != "clean":
+                assert float((images - x).abs().max()) <= EPS + 1e-6
+                assert images.min() >= 0 and images.max() <= 1
+            inter, union, correct, _ = intersection_union(model(images).argmax(1), y, NUM_CLASSES)
+            assert torch.equal(result.inter[name], inter)
+            assert torch.equal(result.union[name], union)
+            assert torch.equal(result.correct[name], correct)
+    assert set(result.seconds) == {"clean", *LOSSES}
+
+
+def _slice(r: SeaResult, index) -> SeaResult:
+    pick = {name: t[index] for name, t in r.inter.items()}
+    return dataclasses.replace(
+        r, area=r.area[index], labelled=r.labelled[index], inter=pick,
+        union={name: t[index] for name, t in r.union.items()},
+        correct={name: t[index] for name, t in r.correct.items()},
+        ids=None if r.ids is None else r.ids[index], adv=None,
+    )
+
+
+def _flat(scores):
+    return {(name, key): value for name, s in scores.items() for key, value in s.items()}
+
+
+def test_results_from_many_actors_combine_in_any_order(result):
+    whole = _flat(aggregate([result], NUM_CLASSES))
+    parts = [_slice(result, torch.tensor(i)) for i in ([5, 1, 7], [0, 6], [3, 2, 4])]
+    parts = [pickle.loads(pickle.dumps(p)) for p in parts]  # as if returned by remote actors
+    assert _flat(aggregate(parts, NUM_CLASSES)) == pytest.approx(whole)
+    assert _flat(aggregate(parts[::-1], NUM_CLASSES)) == pytest.approx(whole)
+
+
+def _handmade(correct, inter, union, area, ids=None):
+    t = torch.tensor
+    return SeaResult(
+        eps=EPS, losses=("a", "b"), num_classes=2, area=t(area), labelled=t(area).sum(1),
+        inter={k: t(v) for k, v in inter.items()}, union={k: t(v) for k, v in union.items()},
+        correct={k: t(v) for k, v in correct.items()}, ids=None if ids is None else t(ids),
+    )
+
+
+def test_greedy_miou_beats_picking_by_accuracy():
+    # one image, 90 pixels of class 0 and 10 of class 1: attack a flips 20 background pixels (accuracy 80%),
+    # attack b wipes out the small class (accuracy 90%) and so hurts mIoU more
+    r = _handmade(
+        correct={"clean": [100], "a": [80], "b": [90]},
+        inter={"clean": [[90, 10]], "a": [[70, 10]], "b": [[90, 0]]},
+        union={"clean": [[90, 10]], "a": [[90, 30]], "b": [[100, 10]]},
+        area=[[90, 10]],
+    )
+    worst = aggregate([r], 2)["worst"]
+    assert worst["aacc"] == pytest.approx(0.8)
+    assert worst["miou_by_acc"] == pytest.approx((70 / 90 + 10 / 30) / 2)
+    assert worst["miou_greedy"] == pytest.approx(0.45)
+    assert worst["miou"] == pytest.approx(0.45)
+    assert worst["macc"] == pytest.approx((70 / 90 + 1) / 2)
+
+
+def test_same_seed_same_result(model, batch):
+    x, y = batch
+    runs = [sea(model, x[:3], y[:3], eps=EPS, num_classes=NUM_CLASSES, n_iter=6, losses=("mce", "js"), seed=4)
+            for _ in range(2)]
+    for name in ("clean", "mce", "js"):
+        assert torch.equal(runs[0].inter[name], runs[1].inter[name])
+        assert torch.equal(runs[0].union[name], runs[1].union[name])
+
+
+def test_aggregate_rejects_results_that_do_not_belong_together(result):
+    other = dataclasses.replace(result, losses=("mce",))
+    with pytest.raises(ValueError, match="differ in losses, eps or defense"):
+        aggregate([result, other], NUM_CLASSES)
+    with pytest.raises(ValueError, match="duplicate image ids"):
+        aggregate([result, result], NUM_CLASSES)
+    with pytest.raises(ValueError, match="some results carry image ids"):
+        aggregate([result, dataclasses.replace(result, ids=None)], NUM_CLASSES)
+    with pytest.raises(ValueError, match="aggregate was asked for 5"):
+        aggregate([result], 5)
+    with pytest.raises(ValueError, match="no results"):
+        aggregate([], NUM_CLASSES)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"eps": -0.1}, "negative"),
+        ({"n_iter": 0}, "n_iter = 0"),
+        ({"losses": ("mce", "focal")}, "unknown attack loss 'focal'; valid losses: ce, mce, mce-bal"),
+        ({"losses": ("mce", "mce")}, "lists a loss twice"),
+        ({"losses": ()}, "non-empty"),
+        ({"num_classes": 3}, r"label values \[3\] are outside \[0, 3\)"),
+        ({"defense": "jpeg"}, "defense = 'jpeg'; valid: None, 'nlm', 'nlm-bpda'"),
+        ({"ids": [1, 2]}, "ids must be 4 integers"),
+    ],
+)
+def test_sea_rejects_bad_input(model, batch, kwargs, error):
+    x, y = batch
+    settings = {"eps": EPS, "num_classes": NUM_CLASSES, "n_iter": 2, **kwargs}
+    with pytest.raises(ValueError, match=error):
+        sea(model, x[:4], y[:4], **settings)
+
+
+def test_sea_rejects_images_outside_the_unit_range(model, batch):
+    x, y = batch
+    with pytest.raises(ValueError, match=r"images must lie in \[0, 1\]"):
+        sea(model, x[:2] - 0.5, y[:2], eps=EPS, num_classes=NUM_CLASSES, n_iter=2)

@@ -1,0 +1,173 @@
+"""APGD (Croce & Hein, 2020) for segmentation, with radius reduction (red-ε), as specified in ALGORITHMS.md.
+
+Per image the attack keeps the highest-loss point (for step-size control and restarts) and, separately, the
+point with the lowest pixel accuracy, which is what it returns. Everything per iteration stays on the device and
+is vectorised over the batch; the only host synchronisation per iteration is the check whether an image has
+reached 0% accuracy, in which case it leaves the active batch (and the stage ends when none is left).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import Tensor, nn
+
+from data.classes import IGNORE_INDEX
+from trainables.attacks.common import (
+    box,
+    check_batch,
+    check_count,
+    check_eps,
+    check_loss,
+    check_valid,
+    eval_mode,
+    loss_and_input_grad,
+)
+from trainables.attacks.pgd import make_generator, uniform_start
+from trainables.losses import FusedLoss
+
+log = logging.getLogger(__name__)
+
+# red-ε: (radius as a multiple of ε, share of the iteration budget); only the last stage's point is valid.
+RED_EPS_STAGES = ((2.0, 0.3), (1.5, 0.3), (1.0, 0.4))
+MOMENTUM = 0.75
+INCREASE_THRESHOLD = 0.75
+
+
+def _floor(value: float) -> int:
+    return int(math.floor(value + 1e-9))
+
+
+def stage_plan(n_iter: int, red_eps: bool) -> list[tuple[float, int]]:
+    """(radius factor, iterations) per stage: 30% / 30% / 40% at 2ε, 1.5ε, ε with red-ε, else all at ε."""
+    if not red_eps:
+        return [(1.0, n_iter)]
+    first, second = _floor(0.3 * n_iter), _floor(0.3 * n_iter)
+    sizes = (first, second, n_iter - first - second)
+    return [(factor, size) for (factor, _), size in zip(RED_EPS_STAGES, sizes, strict=True) if size > 0]
+
+
+def checkpoints(n_iter: int) -> list[int]:
+    """Iterations after which step sizes are reviewed: first after max(⌊0.22N⌋,1), the interval shrinking by
+    max(⌊0.03N⌋,1) per checkpoint down to max(⌊0.06N⌋,1)."""
+    interval = max(_floor(0.22 * n_iter), 1)
+    decrement, minimum = max(_floor(0.03 * n_iter), 1), max(_floor(0.06 * n_iter), 1)
+    points, at = [], interval
+    while at < n_iter:
+        points.append(at)
+        interval = max(interval - decrement, minimum)
+        at += interval
+    return points
+
+
+def _where(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    return torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
+
+
+def _stage(
+    model: nn.Module, x: Tensor, loss: FusedLoss, start: Tensor, radius: float, n_iter: int
+) -> tuple[Tensor, Tensor]:
+    """One APGD run at a fixed radius from `start`: per image the lowest-accuracy iterate and its correct pixels."""
+    n = x.shape[0]
+    result = start.clone()
+    result_correct = torch.full((n,), -1, dtype=torch.long, device=x.device)
+    active = torch.arange(n, device=x.device)
+    active_loss = loss
+    low, high = box(x, radius)
+    cur = prev = start
+    step = torch.full((n,), 2.0 * radius, dtype=x.dtype, device=x.device)
+    review = set(checkpoints(n_iter))
+    last_review = 0
+    s: dict[str, Tensor] = {}
+    for i in range(n_iter):
+        value, correct, grad = loss_and_input_grad(model, cur, active_loss, step=i, total_steps=n_iter)
+        if i == 0:
+            s = {
+                "best_loss": value, "best_x": cur, "best_grad": grad, "review_loss": value,
+                "ups": torch.zeros_like(correct), "halved": torch.zeros_like(correct, dtype=torch.bool),
+                "ret_x": cur, "ret_correct": correct,
+            }
+        else:
+            s["ups"] = s["ups"] + (value > s["prev_loss"])
+            better = value > s["best_loss"]
+            s["best_loss"] = torch.where(better, value, s["best_loss"])
+            s["best_x"] = _where(better, cur, s["best_x"])
+            s["best_grad"] = _where(better, grad, s["best_grad"])
+            lower = correct < s["ret_correct"]
+            s["ret_correct"] = torch.where(lower, correct, s["ret_correct"])
+            s["ret_x"] = _where(lower, cur, s["ret_x"])
+        s["prev_loss"] = value
+
+        finished = s["ret_correct"] == 0
+        if bool(finished.any()):  # the one host sync per iteration: 0% accuracy cannot improve, the image leaves
+            result[active[finished]] = s["ret_x"][finished]
+            result_correct[active[finished]] = 0
+            keep = ~finished
+            if not bool(keep.any()):
+                log.debug("apgd stage radius %.5g: all images at 0%% accuracy after %d iterations", radius, i + 1)
+                return result, result_correct
+            s = {name: tensor[keep] for name, tensor in s.items()}
+            cur, prev, grad, step = cur[keep], prev[keep], grad[keep], step[keep]
+            low, high, active = low[keep], high[keep], active[keep]
+            active_loss = loss.select(active)
+
+        if i in review:
+            interval, last_review = i - last_review, i
+            halve = (s["ups"] < INCREASE_THRESHOLD * interval) | (~s["halved"] & (s["best_loss"] <= s["review_loss"]))
+            step = torch.where(halve, 0.5 * step, step)
+            # halved images restart from their best-loss point, with its gradient and no momentum
+            cur = _where(halve, s["best_x"], cur)
+            prev = _where(halve, s["best_x"], prev)
+            grad = _where(halve, s["best_grad"], grad)
+            s["halved"], s["review_loss"], s["ups"] = halve, s["best_loss"], torch.zeros_like(s["ups"])
+
+        if i + 1 < n_iter:
+            with torch.no_grad():
+                z = torch.clamp(cur + step.view(-1, 1, 1, 1) * grad.sign(), low, high)
+                if i > 0:
+                    z = torch.clamp(cur + MOMENTUM * (z - cur) + (1 - MOMENTUM) * (cur - prev), low, high)
+            prev, cur = cur, z
+    result[active] = s["ret_x"]
+    result_correct[active] = s["ret_correct"]
+    return result, result_correct
+
+
+def apgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    n_iter: int,
+    loss: str,
+    red_eps: bool = True,
+    random_start: bool = True,
+    ignore_index: int = IGNORE_INDEX,
+    seed: int | None = None,
+) -> Tensor:
+    """APGD on a segmentation loss; returns per image the lowest-accuracy point found, inside the ε-ball and [0, 1].
+
+    eps is in [0, 1] pixel units (8/255 for 8 in 1/255). With red_eps the budget runs 30% / 30% / 40% at radii
+    2ε, 1.5ε, ε, each stage starting from the previous stage's returned point projected onto the new ball;
+    only the final stage's points (radius ε) are returned. The first stage starts at a uniform random point of
+    its ball when random_start (drawn from a generator seeded with `seed`, or torch's global one when None).
+    """
+    where = "apgd"
+    eps = check_eps(eps, where)
+    n_iter = check_count(n_iter, where, "n_iter", 1)
+    check_loss(loss, where)
+    check_batch(x, y, where, ignore_index)
+    x = x.detach()
+    fused = FusedLoss(loss, y, ignore_index)
+    plan = stage_plan(n_iter, red_eps)
+    with eval_mode(model):
+        point = uniform_start(x, plan[0][0] * eps, make_generator(seed, x.device)) if random_start else x.clone()
+        for factor, iterations in plan:
+            radius = factor * eps
+            low, high = box(x, radius)
+            point, correct = _stage(model, x, fused, torch.clamp(point, low, high), radius, iterations)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("apgd %s radius %.5g (%d it): correct pixels %s", loss, radius, iterations, correct.tolist())
+    return check_valid(point, x, eps, where)

@@ -1,0 +1,124 @@
+"""What every attack shares: input checks, the validity guard, eval mode, and one loss-and-input-gradient step."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from data.classes import IGNORE_INDEX
+from trainables.losses import FusedLoss, check_labels, check_loss_name
+
+# Slack for float32 rounding of x ± ε; the same constant the validity guard uses.
+VALIDITY_TOLERANCE = 1e-6
+
+
+class AttackValidityError(RuntimeError):
+    """An attack returned a point outside the ε-ball or outside [0, 1]."""
+
+
+def check_eps(eps: float, where: str) -> float:
+    """ε as a float in [0, 1] (pixel units); anything else raises with the accepted range."""
+    if isinstance(eps, Tensor) and eps.numel() == 1:
+        eps = eps.item()
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"{where}: eps must be a number in [0, 1] (pixel units), got {eps!r}")
+    eps = float(eps)
+    if not eps >= 0:
+        raise ValueError(f"{where}: eps = {eps:g} is negative or NaN; eps must lie in [0, 1] (e.g. 8/255 = 0.0314)")
+    if eps > 1:
+        raise ValueError(
+            f"{where}: eps = {eps:g} > 1; attacks take eps in [0, 1] pixel units (8/255 = 0.0314); "
+            "convert budgets given in units of 1/255 with trainables.units.to_unit"
+        )
+    return eps
+
+
+def check_count(value: int, where: str, name: str, minimum: int) -> int:
+    """An integer >= minimum (iterations, steps), else a clear error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{where}: {name} = {value!r}; must be an integer >= {minimum}")
+    return int(value)
+
+
+def check_batch(
+    x: Tensor, y: Tensor, where: str, ignore_index: int = IGNORE_INDEX, num_classes: int | None = None
+) -> None:
+    """Images N×C×H×W floating in [0, 1]; labels N×H×W integer; labels in [0, K) ∪ {ignore} when K is given."""
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{where}: images must be a floating tensor N×C×H×W, got {shape}")
+    if not isinstance(y, Tensor) or y.dim() != 3 or y.shape[0] != x.shape[0] or y.shape[1:] != x.shape[2:]:
+        shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+        expected = (x.shape[0], *x.shape[2:])
+        raise ValueError(f"{where}: labels must be N×H×W = {expected} to match the images, got {shape}")
+    if x.numel() == 0:
+        raise ValueError(f"{where}: empty batch {tuple(x.shape)}")
+    low, high = float(x.min()), float(x.max())
+    if not (low >= 0.0 and high <= 1.0):
+        raise ValueError(
+            f"{where}: image values span [{low:g}, {high:g}]; images must lie in [0, 1] "
+            "(the model normalises internally)"
+        )
+    if y.is_floating_point() or y.dtype == torch.bool:
+        raise ValueError(f"{where}: labels must be an integer tensor, got dtype {y.dtype}")
+    if num_classes is not None:
+        check_labels(y, num_classes, ignore_index, where=where)
+
+
+def check_valid(x_adv: Tensor, x: Tensor, eps: float, where: str = "attack") -> Tensor:
+    """Raise AttackValidityError unless ‖x_adv − x‖∞ ≤ eps + 1e-6 and 0 ≤ x_adv ≤ 1; return x_adv."""
+    if x_adv.shape != x.shape:
+        raise AttackValidityError(f"{where}: output shape {tuple(x_adv.shape)} differs from input {tuple(x.shape)}")
+    dist = float((x_adv.detach() - x.detach()).abs().amax()) if x.numel() else 0.0
+    low, high = float(x_adv.min()), float(x_adv.max())
+    if not dist <= eps + VALIDITY_TOLERANCE:
+        raise AttackValidityError(
+            f"{where}: ‖x_adv − x‖∞ = {dist:.8g} exceeds eps = {eps:.8g} (+{VALIDITY_TOLERANCE:g}); result rejected"
+        )
+    if not (low >= 0.0 and high <= 1.0):
+        raise AttackValidityError(f"{where}: x_adv spans [{low:g}, {high:g}], outside [0, 1]; result rejected")
+    return x_adv
+
+
+def check_loss(loss: str, where: str) -> str:
+    """A known loss name, else an error listing the valid ones (prefixed with the caller)."""
+    try:
+        return check_loss_name(loss)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the attack with the model in eval mode and restore its previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def box(x: Tensor, radius: float) -> tuple[Tensor, Tensor]:
+    """Lower and upper bounds of the ℓ∞ ball of `radius` around x intersected with [0, 1]."""
+    return (x - radius).clamp_(0.0, 1.0), (x + radius).clamp_(0.0, 1.0)
+
+
+def loss_and_input_grad(
+    model: nn.Module, x_adv: Tensor, loss: FusedLoss, step: int = 0, total_steps: int = 1
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One forward and backward: per-image loss, per-image correct pixels, and the loss gradient w.r.t. x_adv."""
+    x_adv = x_adv.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x_adv)
+        if logits.dim() != 4 or logits.shape[0] != x_adv.shape[0] or logits.shape[2:] != x_adv.shape[2:]:
+            raise ValueError(
+                f"model output {tuple(logits.shape)} is not N×K×H×W logits for input {tuple(x_adv.shape)}"
+            )
+        value, correct, grad_logits = loss(logits, step=step, total_steps=total_steps)
+        (grad,) = torch.autograd.grad(logits, x_adv, grad_logits.to(logits.dtype))
+    return value, correct, grad

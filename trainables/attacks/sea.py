@@ -1,0 +1,280 @@
+"""SEA, the Segmentation Ensemble Attack: APGD with red-ε on several losses, and its per-image worst case.
+
+`sea` scores one batch and returns per-image counts (a picklable `SeaResult` of CPU tensors); `aggregate`
+combines any number of such results (batches, actors, machines) into clean, per-attack and worst-case
+aAcc / mAcc / mIoU. Results that carry image ids are ordered by id, so the greedy worst case does not depend
+on which actor returned first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from data.classes import IGNORE_INDEX
+from trainables.attacks.apgd import apgd
+from trainables.attacks.common import check_batch, check_count, check_eps, check_loss, eval_mode
+from trainables.defense import DEFENSES, defended_models
+from trainables.metrics import intersection_union, label_area, scores_from_counts, stuff_pq_from_counts
+
+log = logging.getLogger(__name__)
+
+SEA_LOSSES = ("mce-bal", "mce", "js")
+CLEAN = "clean"
+WORST = "worst"
+
+
+@dataclass
+class SeaResult:
+    """Per-image counts of one SEA batch, for the clean images and each attack's output (CPU tensors).
+
+    inter / union: name -> N×K int64; correct: name -> N int64, where name is "clean" or a loss name;
+    area: labelled pixels per class N×K; labelled: labelled pixels per image N.
+    """
+
+    eps: float
+    losses: tuple[str, ...]
+    num_classes: int
+    area: Tensor
+    labelled: Tensor
+    inter: dict[str, Tensor]
+    union: dict[str, Tensor]
+    correct: dict[str, Tensor]
+    ids: Tensor | None = None
+    defense: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    adv: dict[str, Tensor] | None = None
+
+    def __len__(self) -> int:
+        return int(self.labelled.shape[0])
+
+
+def _check_losses(losses: Sequence[str], where: str) -> tuple[str, ...]:
+    if isinstance(losses, str) or not isinstance(losses, Sequence) or len(losses) == 0:
+        raise ValueError(f"{where}: losses must be a non-empty list of loss names, got {losses!r}")
+    names = tuple(check_loss(name, where) for name in losses)
+    if len(set(names)) != len(names):
+        raise ValueError(f"{where}: losses {list(names)} lists a loss twice")
+    return names
+
+
+def _check_ids(ids: Tensor | Sequence[int] | None, n: int, where: str) -> Tensor | None:
+    if ids is None:
+        return None
+    ids = torch.as_tensor(ids).detach().cpu()
+    if ids.dim() != 1 or ids.shape[0] != n or ids.is_floating_point() or ids.dtype == torch.bool:
+        raise ValueError(f"{where}: ids must be {n} integers (one per image), got {ids.dtype} {tuple(ids.shape)}")
+    return ids.long()
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: Tensor, num_classes: int) -> Tensor:
+    logits = model(x)
+    if logits.dim() != 4 or logits.shape[1] != num_classes:
+        raise ValueError(f"sea: model gives logits {tuple(logits.shape)}, expected N×{num_classes}×H×W")
+    return logits.argmax(1)
+
+
+def sea(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    num_classes: int,
+    n_iter: int = 300,
+    losses: Sequence[str] = SEA_LOSSES,
+    ignore_index: int = IGNORE_INDEX,
+    ids: Tensor | Sequence[int] | None = None,
+    seed: int | None = None,
+    return_adv: bool = False,
+    defense: str | None = None,
+) -> SeaResult:
+    """Run APGD with red-ε for each loss on one batch and count, per image, clean and attacked predictions.
+
+    eps is in [0, 1] pixel units. Loss j draws its random start from seed + j (or torch's global generator
+    when seed is None). defense: None (the bare model), "nlm" (attacks see the bare model, predictions go
+    through the non-local-means front end: the non-adaptive evaluation) or "nlm-bpda" (attacks go through the
+    front end with an identity gradient). return_adv keeps each attack's adversarial images (CPU) in `adv`.
+    """
+    where = "sea"
+    eps = check_eps(eps, where)
+    n_iter = check_count(n_iter, where, "n_iter", 1)
+    names = _check_losses(losses, where)
+    num_classes = check_count(num_classes, where, "num_classes", 1)
+    if defense not in DEFENSES:
+        raise ValueError(f"{where}: defense = {defense!r}; valid: {', '.join(repr(d) for d in DEFENSES)}")
+    check_batch(x, y, where, ignore_index, num_classes)
+    ids = _check_ids(ids, x.shape[0], where)
+    x = x.detach()
+
+    inter: dict[str, Tensor] = {}
+    union: dict[str, Tensor] = {}
+    correct: dict[str, Tensor] = {}
+    seconds: dict[str, float] = {}
+    adv: dict[str, Tensor] = {}
+
+    def count(name: str, pred: Tensor) -> None:
+        i, u, c, _ = intersection_union(pred, y, num_classes, ignore_index)
+        inter[name], union[name], correct[name] = i.cpu(), u.cpu(), c.cpu()
+
+    labelled = (y != ignore_index).sum((1, 2)).cpu()
+    with eval_mode(model):
+        attacked, scored = defended_models(model, defense)
+        started = time.perf_counter()
+        count(CLEAN, _predict(scored, x, num_classes))
+        seconds[CLEAN] = time.perf_counter() - started
+        for j, name in enumerate(names):
+            started = time.perf_counter()
+            x_adv = apgd(attacked, x, y, eps=eps, n_iter=n_iter, loss=name, red_eps=True, random_start=True,
+                         ignore_index=ignore_index, seed=None if seed is None else seed + j)
+            count(name, _predict(scored, x_adv, num_classes))
+            seconds[name] = time.perf_counter() - started
+            if return_adv:
+                adv[name] = x_adv.cpu()
+            accuracy = float(correct[name].sum()) / max(int(labelled.sum()), 1)
+            log.info("sea eps=%.4g %s: aAcc %.2f%% on %d images in %.1f s", eps, name, 100 * accuracy, x.shape[0],
+                     seconds[name])
+    return SeaResult(
+        eps=eps, losses=names, num_classes=num_classes, area=label_area(y, num_classes, ignore_index).cpu(),
+        labelled=labelled, inter=inter, union=union, correct=correct, ids=ids, defense=defense, seconds=seconds,
+        adv=adv if return_adv else None,
+    )
+
+
+def _miou_rows(inter: np.ndarray, union: np.ndarray) -> np.ndarray:
+    """mIoU of each row of totals (C×K): mean over classes with union > 0 (+inf for a row without any)."""
+    present = union > 0
+    ratio = np.divide(inter, union, out=np.zeros_like(inter), where=present)
+    counts = present.sum(-1)
+    return np.where(counts > 0, ratio.sum(-1) / np.maximum(counts, 1), np.inf)
+
+
+def _miou_of(choice: np.ndarray, inter: np.ndarray, union: np.ndarray) -> float:
+    images = np.arange(inter.shape[1])
+    value = float(_miou_rows(inter[choice, images].sum(0), union[choice, images].sum(0)))
+    return value if np.isfinite(value) else float("nan")
+
+
+def greedy_choice(inter: np.ndarray, union: np.ndarray) -> np.ndarray:
+    """Walk the images in order; for each add the candidate (C×M×K counts) that makes the running mIoU lowest."""
+    candidates, images, classes = inter.shape
+    run_inter, run_union = np.zeros(classes), np.zeros(classes)
+    choice = np.zeros(images, dtype=np.int64)
+    for m in range(images):
+        c = int(np.argmin(_miou_rows(run_inter + inter[:, m], run_union + union[:, m])))
+        choice[m] = c
+        run_inter += inter[c, m]
+        run_union += union[c, m]
+    return choice
+
+
+def refine_choice(choice: np.ndarray, inter: np.ndarray, union: np.ndarray, max_passes: int = 20) -> np.ndarray:
+    """Revisit each image's choice given all the others, switching while it lowers the total mIoU."""
+    choice = choice.copy()
+    images = np.arange(inter.shape[1])
+    tot_inter, tot_union = inter[choice, images].sum(0), union[choice, images].sum(0)
+    for _ in range(max_passes):
+        switched = False
+        for m in images:
+            c = choice[m]
+            rest_inter, rest_union = tot_inter - inter[c, m], tot_union - union[c, m]
+            values = _miou_rows(rest_inter + inter[:, m], rest_union + union[:, m])
+            best = int(np.argmin(values))
+            if values[best] < values[c] - 1e-12:
+                choice[m] = best
+                tot_inter, tot_union = rest_inter + inter[best, m], rest_union + union[best, m]
+                switched = True
+        if not switched:
+            break
+    return choice
+
+
+def _concat(results: Sequence[SeaResult], num_classes: int) -> SeaResult:
+    first = results[0]
+    for r in results:
+        if not isinstance(r, SeaResult):
+            raise TypeError(f"aggregate: expected SeaResult objects, got {type(r).__name__}")
+        if r.num_classes != num_classes:
+            raise ValueError(f"aggregate: a result has {r.num_classes} classes, aggregate was asked for {num_classes}")
+        if r.losses != first.losses or r.eps != first.eps or r.defense != first.defense:
+            raise ValueError(
+                "aggregate: results differ in losses, eps or defense "
+                f"({r.losses}, {r.eps:g}, {r.defense}) vs ({first.losses}, {first.eps:g}, {first.defense}); "
+                "aggregate each setting separately"
+            )
+    with_ids = [r.ids is not None for r in results]
+    if any(with_ids) and not all(with_ids):
+        raise ValueError("aggregate: some results carry image ids and some do not; pass ids to every sea call or none")
+    order = None
+    ids = None
+    if all(with_ids):
+        ids = torch.cat([r.ids for r in results])
+        if torch.unique(ids).numel() != ids.numel():
+            raise ValueError("aggregate: duplicate image ids; each image must be scored once per setting")
+        order = torch.argsort(ids, stable=True)
+
+    def cat(tensors: list[Tensor]) -> Tensor:
+        joined = torch.cat(tensors)
+        return joined if order is None else joined[order]
+
+    names = (CLEAN, *first.losses)
+    return SeaResult(
+        eps=first.eps, losses=first.losses, num_classes=num_classes,
+        area=cat([r.area for r in results]), labelled=cat([r.labelled for r in results]),
+        inter={n: cat([r.inter[n] for r in results]) for n in names},
+        union={n: cat([r.union[n] for r in results]) for n in names},
+        correct={n: cat([r.correct[n] for r in results]) for n in names},
+        ids=None if ids is None else ids[order], defense=first.defense,
+    )
+
+
+def aggregate(results: Iterable[SeaResult], num_classes: int) -> dict[str, dict[str, float]]:
+    """Scores of many SEA results: keys "clean", each loss and "worst", each {"miou", "aacc", "macc", ...}.
+
+    Clean and single attacks also give stuff "pq", "sq", "rq". The worst case per image chooses among all
+    attacks and the clean prediction (a point in the ball too): aAcc and mAcc from the lowest-accuracy choice;
+    "miou_greedy" walks the images in order keeping the running mIoU lowest (ALGORITHMS.md), "miou_by_acc"
+    uses the lowest-accuracy choice, and "miou" starts from the lowest of these and of each single attack and
+    revisits every image's choice while that lowers the mIoU, so it is ≤ all of them and still a valid
+    per-image choice of points in the ε-ball.
+    """
+    results = list(results)
+    if not results:
+        raise ValueError("aggregate: no results to combine")
+    r = _concat(results, num_classes)
+    out: dict[str, dict[str, float]] = {}
+    names = (CLEAN, *r.losses)
+    for name in names:
+        out[name] = {
+            **scores_from_counts(r.inter[name], r.union[name], r.area),
+            **stuff_pq_from_counts(r.inter[name], r.union[name], r.area),
+        }
+
+    candidates = (*r.losses, CLEAN)
+    inter = np.stack([r.inter[n].double().numpy() for n in candidates])
+    union = np.stack([r.union[n].double().numpy() for n in candidates])
+    correct = np.stack([r.correct[n].numpy() for n in candidates])
+    images = np.arange(len(r))
+    by_acc = np.argmin(correct, axis=0)
+    acc_scores = scores_from_counts(torch.from_numpy(inter[by_acc, images]), torch.from_numpy(union[by_acc, images]),
+                                    r.area)
+    greedy = greedy_choice(inter, union)
+    starts = [greedy, by_acc, *(np.full(len(r), c) for c in range(len(candidates)))]
+    start = min(starts, key=lambda choice: _miou_of(choice, inter, union))
+    refined = refine_choice(start, inter, union)
+    labelled = int(r.labelled.sum())
+    out[WORST] = {
+        "miou": _miou_of(refined, inter, union),
+        "aacc": float(correct.min(0).sum()) / labelled if labelled else float("nan"),
+        "macc": acc_scores["macc"],
+        "miou_greedy": _miou_of(greedy, inter, union),
+        "miou_by_acc": acc_scores["miou"],
+    }
+    return out

@@ -1,0 +1,276 @@
+"""Segmentation attack losses (ALGORITHMS.md): per-pixel definitions, per-image reduction, and a fused loss+gradient.
+
+Every loss is maximised by the attacks. Pixels labelled with the ignore value contribute zero loss and zero
+gradient. Per image, the per-pixel values are summed and divided by the number of labelled pixels.
+
+`LOSSES` holds plain autograd implementations (the reference, also used by tests and for ad-hoc use);
+`FusedLoss` computes the same per-image loss, the per-image count of correctly classified pixels and the
+gradient with respect to the logits in closed form from one pass over the logits, which is what the attacks
+call at every iteration so that the loss costs as little as possible next to the model's forward and backward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from data.classes import IGNORE_INDEX
+
+LOSS_NAMES = ("ce", "mce", "mce-bal", "js", "segpgd", "cospgd", "mask-sph")
+
+_LOG2 = math.log(2.0)
+
+
+def check_loss_name(name: str) -> str:
+    """Return `name` if it is a known attack loss, else raise naming the valid ones."""
+    if name not in LOSS_NAMES:
+        raise ValueError(f"unknown attack loss {name!r}; valid losses: {', '.join(LOSS_NAMES)}")
+    return name
+
+
+def split_labels(y: Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
+    """Labels -> (target with ignored pixels set to class 0, bool mask of labelled pixels)."""
+    valid = y != ignore_index
+    return torch.where(valid, y, torch.zeros_like(y)), valid
+
+
+def check_labels(y: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX, where: str = "labels") -> None:
+    """Raise if a label lies outside [0, num_classes) and is not the ignore value."""
+    if y.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or y.dtype == torch.bool:
+        raise ValueError(f"{where}: labels must be an integer tensor, got dtype {y.dtype}")
+    bad = (y != ignore_index) & ((y < 0) | (y >= num_classes))
+    if bool(bad.any()):
+        values = torch.unique(y[bad]).tolist()[:10]
+        raise ValueError(
+            f"{where}: label values {values} are outside [0, {num_classes}) and are not the ignore value "
+            f"{ignore_index}; valid labels are 0..{num_classes - 1} and {ignore_index}"
+        )
+
+
+def class_balance_weights(
+    y: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Per pixel, 1 / (labelled pixels of its class in its image); 0 on ignored pixels (N×H×W float)."""
+    target, valid = split_labels(y, ignore_index)
+    n = y.shape[0]
+    image = torch.arange(n, device=y.device).view(n, 1, 1).expand_as(target)
+    keys = (image * num_classes + target)[valid]
+    counts = torch.bincount(keys, minlength=n * num_classes).view(n, num_classes)
+    per_pixel = counts.gather(1, target.reshape(n, -1)).view_as(target)
+    return valid.to(dtype) / per_pixel.clamp_min(1).to(dtype)
+
+
+def _correct(logits: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+    return (logits.detach().argmax(1) == target) & valid
+
+
+def _ce(logits: Tensor, y: Tensor, ignore_index: int) -> Tensor:
+    return F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="none")
+
+
+def ce_pixel(logits: Tensor, y: Tensor, *, ignore_index: int = IGNORE_INDEX, step: int = 0, total_steps: int = 1):
+    """Cross-entropy per pixel."""
+    return _ce(logits, y, ignore_index)
+
+
+def mce_pixel(logits: Tensor, y: Tensor, *, ignore_index: int = IGNORE_INDEX, step: int = 0, total_steps: int = 1):
+    """Mask-CE: cross-entropy on currently correct pixels only (the mask is not differentiated)."""
+    target, valid = split_labels(y, ignore_index)
+    return _ce(logits, y, ignore_index) * _correct(logits, target, valid)
+
+
+def mce_bal_pixel(
+    logits: Tensor, y: Tensor, *, ignore_index: int = IGNORE_INDEX, step: int = 0, total_steps: int = 1
+):
+    """Mask-CE-Bal: Mask-CE weighted by 1 / (labelled pixels of the pixel's class in its image)."""
+    weights = class_balance_weights(y, logits.shape[1], ignore_index, logits.dtype)
+    return mce_pixel(logits, y, ignore_index=ignore_index) * weights
+
+
+def js_pixel(logits: Tensor, y: Tensor, *, ignore_index: int = IGNORE_INDEX, step: int = 0, total_steps: int = 1):
+    """Jensen-Shannon divergence between softmax(logits) and the one-hot label, summed over classes (≤ log 2).
+
+    With q the probability of the true class it reduces to ½[q·log(2q/(1+q)) + (1−q)·log 2 − log((1+q)/2)].
+    """
+    target, valid = split_labels(y, ignore_index)
+    log_q = -F.cross_entropy(logits, target, reduction="none")
+    q = log_q.exp()
+    log1p_q = torch.log1p(q)
+    js = 0.5 * (q * (_LOG2 + log_q - log1p_q) + (1.0 - q) * _LOG2 - (log1p_q - _LOG2))
+    return js * valid
+
+
+def segpgd_pixel(
+    logits: Tensor, y: Tensor, *, ignore_index: int = IGNORE_INDEX, step: int = 0, total_steps: int = 1
+):
+    """SegPGD: CE weighted by 1−λ on correct and λ on wrong pixels, λ = step / (2·total_steps)."""
+    target, valid = split_labels(y, ignore_index)
+    lam = step / (2.0 * total_steps)
+    correct = _correct(logits, target, valid)
+    weight = (lam + (1.0 - 2.0 * lam) * correct.to(logits.dtype)) * valid
+    return _ce(logits, y, ignore_index) * weight
+
+
+def cospgd_pixel(
+    logits: Tensor, y: Tensor, *, ignore_index: int = IGNORE_INDEX, step: int = 0, total_steps: int = 1
+):
+    """CosPGD: CE weighted by the (detached) cosine similarity of sigmoid(logits) and the one-hot label."""
+    target, valid = split_labels(y, ignore_index)
+    with torch.no_grad():
+        s = torch.sigmoid(logits)
+        cos = s.gather(1, target.unsqueeze(1)).squeeze(1) / s.norm(dim=1).clamp_min(1e-12)
+    return _ce(logits, y, ignore_index) * cos * valid
+
+
+def mask_sph_pixel(
+    logits: Tensor, y: Tensor, *, ignore_index: int = IGNORE_INDEX, step: int = 0, total_steps: int = 1
+):
+    """Mask-Sph: minus the true-class entry of the ℓ2-normalised logits, on currently correct pixels only."""
+    target, valid = split_labels(y, ignore_index)
+    u_y = logits.gather(1, target.unsqueeze(1)).squeeze(1)
+    return -(u_y / logits.norm(dim=1).clamp_min(1e-12)) * _correct(logits, target, valid)
+
+
+LOSSES: dict[str, Callable[..., Tensor]] = {
+    "ce": ce_pixel,
+    "mce": mce_pixel,
+    "mce-bal": mce_bal_pixel,
+    "js": js_pixel,
+    "segpgd": segpgd_pixel,
+    "cospgd": cospgd_pixel,
+    "mask-sph": mask_sph_pixel,
+}
+
+
+def per_image_loss(
+    name: str,
+    logits: Tensor,
+    y: Tensor,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    step: int = 0,
+    total_steps: int = 1,
+) -> Tensor:
+    """Per-image loss (N,): the per-pixel loss summed over the image and divided by its labelled pixels."""
+    pixel = LOSSES[check_loss_name(name)](logits, y, ignore_index=ignore_index, step=step, total_steps=total_steps)
+    labelled = (y != ignore_index).sum((1, 2)).clamp_min(1).to(pixel.dtype)
+    return pixel.sum((1, 2)) / labelled
+
+
+class FusedLoss:
+    """One attack loss bound to a batch of labels: per call, per-image loss, correct pixels and d(loss)/d(logits).
+
+    The gradient of every loss here has the closed form α·(softmax − onehot) (α·logits + β·onehot for
+    Mask-Sph) with per-pixel scalars α, β, so one pass over the logits gives loss, accuracy and gradient,
+    with no autograd graph through the loss. Label-dependent constants are computed once, on the first call
+    (which also checks the labels against the number of classes the logits have).
+    """
+
+    def __init__(self, name: str, y: Tensor, ignore_index: int = IGNORE_INDEX, reuse_buffer: bool = True):
+        self.name = check_loss_name(name)
+        self.y = y
+        self.ignore_index = ignore_index
+        self.reuse_buffer = reuse_buffer
+        self.target, self.valid = split_labels(y, ignore_index)
+        self.labelled = self.valid.sum((1, 2))
+        self.num_classes: int | None = None
+        self.base: Tensor | None = None
+        self._buffer: Tensor | None = None
+
+    def _finalise(self, num_classes: int, dtype: torch.dtype) -> None:
+        check_labels(self.y, num_classes, self.ignore_index, where=f"attack loss {self.name!r}")
+        base = self.valid.to(dtype) / self.labelled.clamp_min(1).to(dtype).view(-1, 1, 1)
+        if self.name == "mce-bal":
+            base = base * class_balance_weights(self.y, num_classes, self.ignore_index, dtype)
+        self.base = base
+        self.num_classes = num_classes
+
+    def select(self, index: Tensor) -> FusedLoss:
+        """The same loss restricted to the images at `index` (for shrinking the active batch)."""
+        sub = FusedLoss.__new__(FusedLoss)
+        sub.name, sub.ignore_index, sub.reuse_buffer = self.name, self.ignore_index, self.reuse_buffer
+        sub.y, sub.target, sub.valid = self.y[index], self.target[index], self.valid[index]
+        sub.labelled = self.labelled[index]
+        sub.num_classes = self.num_classes
+        sub.base = None if self.base is None else self.base[index]
+        sub._buffer = None
+        return sub
+
+    def _workspace(self, logits: Tensor) -> Tensor:
+        buf = self._buffer
+        if (
+            not self.reuse_buffer
+            or buf is None
+            or buf.shape != logits.shape
+            or buf.dtype != logits.dtype
+            or buf.device != logits.device
+        ):
+            buf = torch.empty_like(logits, memory_format=torch.contiguous_format)
+            if self.reuse_buffer:
+                self._buffer = buf
+        return buf
+
+    @torch.no_grad()
+    def __call__(self, logits: Tensor, *, step: int = 0, total_steps: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+        """logits N×K×H×W -> (loss N, correct pixels N (int64), gradient of loss.sum() w.r.t. logits)."""
+        logits = logits.detach()
+        if logits.dtype not in (torch.float32, torch.float64):
+            logits = logits.float()
+        if self.num_classes is None:
+            self._finalise(logits.shape[1], logits.dtype)
+        elif logits.shape[1] != self.num_classes:
+            raise ValueError(f"logits have {logits.shape[1]} classes, the loss was set up for {self.num_classes}")
+        target, valid, base = self.target, self.valid, self.base
+        index = target.unsqueeze(1)
+        # amax is far cheaper than max-with-indices; a pixel counts as correct when its true-class logit is the
+        # maximum (differs from argmax only on exact ties, where argmax picks the lowest class index).
+        top = logits.amax(1)
+        u_y = logits.gather(1, index).squeeze(1)
+        correct_px = (u_y >= top) & valid
+        correct = correct_px.sum((1, 2))
+        buf = self._workspace(logits)
+
+        if self.name == "mask-sph":
+            torch.mul(logits, logits, out=buf)
+            norm = buf.sum(1).sqrt_().clamp_min_(1e-12)
+            w = base * correct_px
+            loss_px = -w * u_y / norm
+            alpha = w * u_y / norm.pow(3)
+            beta = -w / norm
+            torch.mul(logits, alpha.unsqueeze(1), out=buf)
+            buf.scatter_add_(1, index, beta.unsqueeze(1))
+            return loss_px.sum((1, 2)), correct, buf
+
+        torch.sub(logits, top.unsqueeze(1), out=buf)
+        buf.exp_()
+        expsum = buf.sum(1)
+        ce = top + expsum.log() - u_y
+        if self.name == "js":
+            log_q = -ce
+            q = log_q.exp()
+            log1p_q = torch.log1p(q)
+            js = 0.5 * (q * (_LOG2 + log_q - log1p_q) + (1.0 - q) * _LOG2 - (log1p_q - _LOG2))
+            loss_px = base * js
+            # dJS/dq = ½·log(q/(1+q)) and dq/du = q·(onehot − softmax)
+            alpha = base * (-0.5 * q * (log_q - log1p_q))
+        else:
+            if self.name == "ce":
+                w = base
+            elif self.name in ("mce", "mce-bal"):
+                w = base * correct_px
+            elif self.name == "segpgd":
+                lam = step / (2.0 * total_steps)
+                w = base * (lam + (1.0 - 2.0 * lam) * correct_px.to(base.dtype))
+            else:  # cospgd
+                s = torch.sigmoid(logits)
+                cos = torch.sigmoid(u_y) / s.mul_(s).sum(1).sqrt_().clamp_min_(1e-12)
+                w = base * cos
+            loss_px = w * ce
+            alpha = w
+        buf.mul_((alpha / expsum).unsqueeze(1))
+        buf.scatter_add_(1, index, -alpha.unsqueeze(1))
+        return loss_px.sum((1, 2)), correct, buf
