@@ -1,0 +1,110 @@
+"""Train and val transforms on decoded arrays (NumPy/OpenCV), shared by the Ray pipeline and plain loops.
+
+Images are padded with the ImageNet mean and labels with the ignore value; labels are only ever resized
+with nearest-neighbour interpolation, so no new class values appear.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from data.classes import IGNORE_INDEX
+
+# ImageNet mean in [0, 1]: the padding colour, which a mean/std-normalising model maps to zero.
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+MEAN_UINT8 = tuple(round(255 * m) for m in IMAGE_MEAN)
+
+
+def _size2(size: int | tuple[int, int]) -> tuple[int, int]:
+    height, width = (size, size) if isinstance(size, int) else size
+    if height < 1 or width < 1:
+        raise ValueError(f"size {size!r}: must be positive")
+    return int(height), int(width)
+
+
+def _resize(image: np.ndarray, label: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    if (height, width) == label.shape:
+        return image, label
+    return (
+        cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR),
+        cv2.resize(label, (width, height), interpolation=cv2.INTER_NEAREST),
+    )
+
+
+def _pad_to(image: np.ndarray, label: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pad bottom/right up to at least height x width: image with the mean, label with the ignore value."""
+    pad_h, pad_w = max(height - label.shape[0], 0), max(width - label.shape[1], 0)
+    if pad_h == 0 and pad_w == 0:
+        return image, label
+    return (
+        cv2.copyMakeBorder(image, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=MEAN_UINT8),
+        cv2.copyMakeBorder(label, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=IGNORE_INDEX),
+    )
+
+
+def _check(image: np.ndarray, label: np.ndarray) -> None:
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image {image.dtype} {image.shape}: expected uint8 HxWx3")
+    if label.dtype != np.uint8 or label.shape != image.shape[:2]:
+        raise ValueError(f"label {label.dtype} {label.shape}: expected uint8 {image.shape[:2]}")
+
+
+def train_augment(
+    image: np.ndarray,
+    label: np.ndarray,
+    *,
+    crop_size: int | tuple[int, int],
+    scale_range: tuple[float, float] = (0.5, 2.0),
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random scale, pad to the crop, random crop and horizontal flip on uint8 arrays (HxWx3, HxW)."""
+    _check(image, label)
+    crop_h, crop_w = _size2(crop_size)
+    scale = rng.uniform(*scale_range)
+    height, width = label.shape
+    image, label = _resize(image, label, max(1, round(height * scale)), max(1, round(width * scale)))
+    image, label = _pad_to(image, label, crop_h, crop_w)
+    top = int(rng.integers(0, label.shape[0] - crop_h + 1))
+    left = int(rng.integers(0, label.shape[1] - crop_w + 1))
+    image, label = image[top:top + crop_h, left:left + crop_w], label[top:top + crop_h, left:left + crop_w]
+    if rng.random() < 0.5:
+        image, label = image[:, ::-1], label[:, ::-1]
+    return image, label
+
+
+def val_resize(image: np.ndarray, label: np.ndarray, *, size: int | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Resize to fit inside size (aspect kept; a no-op when it already fits exactly), then pad to size."""
+    _check(image, label)
+    out_h, out_w = _size2(size)
+    height, width = label.shape
+    scale = min(out_h / height, out_w / width)
+    new_h, new_w = min(out_h, max(1, round(height * scale))), min(out_w, max(1, round(width * scale)))
+    image, label = _resize(image, label, new_h, new_w)
+    return _pad_to(image, label, out_h, out_w)
+
+
+def to_arrays(image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 HxWx3 / HxW -> float32 3xHxW in [0, 1] / int64 HxW."""
+    chw = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+    chw /= 255.0
+    return chw, label.astype(np.int64)
+
+
+def train_transform(
+    image: np.ndarray,
+    label: np.ndarray,
+    *,
+    crop_size: int | tuple[int, int],
+    scale_range: tuple[float, float] = (0.5, 2.0),
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train augmentation, returning float32 3xHxW in [0, 1] and int64 HxW (crop_size x crop_size)."""
+    return to_arrays(*train_augment(image, label, crop_size=crop_size, scale_range=scale_range, rng=rng))
+
+
+def val_transform(
+    image: np.ndarray, label: np.ndarray, *, size: int | tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic val transform, returning float32 3xHxW in [0, 1] and int64 HxW (size x size)."""
+    return to_arrays(*val_resize(image, label, size=size))
