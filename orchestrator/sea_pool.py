@@ -45,13 +45,13 @@ class SeaScorer:
                  example_ids: tuple[str, ...] = ()):
         import torch
 
-        from trainables.pir_at import CHECKPOINT_FILE, build_from_config, load_model_state, read_state
+        from trainables.pir_at import CHECKPOINT_FILE, load_model_state, model_from_config, read_state
 
         torch.set_num_threads(max(1, threads))
         self.torch = torch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model_config = dict(config, model=dict(config["model"], backbone_weights=None))
-        self.model = build_from_config(model_config, num_classes)
+        self.model = model_from_config(model_config, num_classes)
         with ray.train.Checkpoint(checkpoint_path).as_directory() as folder:
             load_model_state(self.model, read_state(os.path.join(folder, CHECKPOINT_FILE)), checkpoint_path)
         self.model.to(self.device).eval()

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray.train
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from data.pipeline import train_dataset, val_dataset
+from data.pipeline import ingest_config, train_dataset, val_dataset
 from data.shards import read_manifest
 from orchestrator.config import Config, to_dict
 from trainables.pir_at import train_loop_per_worker
@@ -105,7 +105,7 @@ def build_trainer(
         scaling_config=scaling_config(config),
         run_config=run_config,
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=ingest_config(split=("train",), ordered=("val",)),
     )
 
 
@@ -116,8 +116,8 @@ def fit(trainer: TorchTrainer) -> TrainOutcome:
     except ray.train.TrainingFailedError as exc:
         raise TrialFailed(f"training failed: {exc}") from exc
     final = dict(result.metrics or {})
-    if "diverged" in final:
-        raise TrialFailed(final["diverged"])
+    if isinstance(result.return_value, dict) and "diverged" in result.return_value:
+        raise TrialFailed(result.return_value["diverged"])
     if not result.best_checkpoints:
         raise TrialFailed("training reported no checkpoint")
     best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda item: item[1].get(PROXY_METRIC, -1.0))

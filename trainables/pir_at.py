@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from data.classes import IGNORE_INDEX
 from trainables import metrics
 from trainables.attacks import apgd, pgd
-from trainables.models import build_model
+from trainables.models import build_from_config
 from trainables.schedule import warmup_poly
 from trainables.units import to_unit
 
@@ -40,13 +41,9 @@ class CheckpointMismatch(ValueError):
     """A checkpoint that does not fit the configured model (another architecture or class count)."""
 
 
-def build_from_config(cfg: dict[str, Any], num_classes: int) -> torch.nn.Module:
-    """The segmentation model of a config's `model` section (PIR weights loaded when given)."""
-    m = cfg["model"]
-    return build_model(
-        m["decoder"], m["backbone"], num_classes, stem=m["stem"],
-        backbone_weights=m.get("backbone_weights"), decoder_width=m["decoder_width"],
-    )
+def model_from_config(cfg: dict[str, Any], num_classes: int) -> torch.nn.Module:
+    """The segmentation model of a (plain-dict) config's `model` section, PIR weights loaded when given."""
+    return build_from_config(SimpleNamespace(**cfg["model"]), num_classes)
 
 
 @dataclass
@@ -83,7 +80,7 @@ class PirAt:
         self.num_classes = num_classes
         self.device = torch.device(device)
         self.steps_per_epoch = steps_per_epoch
-        self.module = (model if model is not None else build_from_config(cfg, num_classes)).to(self.device)
+        self.module = (model if model is not None else model_from_config(cfg, num_classes)).to(self.device)
         self.model = self.module  # replaced by the DDP wrapper in distributed runs
         self.channels_last = bool(train["channels_last"]) and self.device.type == "cuda"
         if self.channels_last:
@@ -322,7 +319,7 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train entry point: resume if a checkpoint exists, train, validate, checkpoint every epoch."""
     import ray.train
     import ray.train.torch
@@ -368,8 +365,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         try:
             stats = trainer.train_epoch(batches, epoch)
         except TrainingDiverged as exc:
-            ray.train.report({"epoch": epoch, "diverged": str(exc)})
-            return
+            return {"diverged": str(exc)}
         seconds = time.perf_counter() - started
         if epoch % train["val_every"] == 0 or epoch == epochs:
             last_val = trainer.validate(
