@@ -129,6 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="plain state dict, module.-prefixed, or {'state_dict': normalize.* + model.*}")
     parser.add_argument("--steps", type=int, default=100, help="optimiser steps")
     parser.add_argument("--eps", type=float, default=4.0, help="l_inf budget in units of 1/255")
+    parser.add_argument("--eval-eps", type=float, default=4.0,
+                        help="l_inf budget (1/255) of the held-out PGD-10 check; also for --eps 0 (clean) runs")
     parser.add_argument("--attack-steps", type=int, default=2, help="PGD steps per training batch")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=32)
@@ -144,8 +146,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("steps", "batch_size", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} = {getattr(args, name)}: must be >= 1")
-    if args.eps < 0 or args.attack_steps < 0:
-        parser.error("--eps and --attack-steps must be >= 0")
+    if args.eps < 0 or args.eval_eps < 0 or args.attack_steps < 0:
+        parser.error("--eps, --eval-eps and --attack-steps must be >= 0")
     if args.image_size < 32 or args.image_size % 32:
         parser.error(f"--image-size = {args.image_size}: must be a multiple of 32, >= 32")
     return args
@@ -180,11 +182,11 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"step {step}/{args.steps}  adversarial loss {loss.item():.3f}  {elapsed:.0f}s", flush=True)
     test_images, test_labels = colour_discs(256, args.classes, args.image_size, torch.Generator().manual_seed(10**6))
     clean = accuracy(model, test_images, test_labels)
-    robust = accuracy(model, pgd(model, test_images, test_labels, eps, 10), test_labels) if args.eps > 0 else clean
+    robust = accuracy(model, pgd(model, test_images, test_labels, to_unit(args.eval_eps), 10), test_labels)
     save(layout_state(model.model, args.layout), args.out)
     summary = {
         "backbone": args.backbone, "stem": args.stem, "layout": args.layout, "steps": args.steps,
-        "eps_255": args.eps, "attack_steps": args.attack_steps, "classes": args.classes,
+        "eps_255": args.eps, "eval_eps_255": args.eval_eps, "attack_steps": args.attack_steps, "classes": args.classes,
         "image_size": args.image_size, "clean_accuracy": round(clean, 4), "pgd10_accuracy": round(robust, 4),
         "chance": round(1 / args.classes, 4), "seconds": round(time.time() - start, 1),
     }
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         Path(args.out.removeprefix("file://") + ".json").write_text(save_json + "\n")
     print(f"saved {args.out} ({args.layout} layout); held-out clean accuracy {clean:.3f}, "
-          f"PGD-10 accuracy at eps {args.eps:g}/255 {robust:.3f} (chance {1 / args.classes:.3f})", flush=True)
+          f"PGD-10 accuracy at eps {args.eval_eps:g}/255 {robust:.3f} (chance {1 / args.classes:.3f})", flush=True)
     return summary
 
 
