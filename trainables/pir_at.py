@@ -313,6 +313,12 @@ def read_state(path: str) -> dict[str, Any]:
 # -- Ray Train glue ---------------------------------------------------------------------------------------
 
 
+def _tensors(batches: Iterable[dict[str, np.ndarray]]) -> Iterator[dict[str, torch.Tensor]]:
+    """Image and label tensors of numpy batches (val batches also carry string ids, which torch cannot hold)."""
+    for batch in batches:
+        yield {"image": torch.from_numpy(batch["image"]), "label": torch.from_numpy(batch["label"])}
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -369,7 +375,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         seconds = time.perf_counter() - started
         if epoch % train["val_every"] == 0 or epoch == epochs:
             last_val = trainer.validate(
-                val_shard.iter_torch_batches(batch_size=batch), proxy_iterations=train["proxy_iterations"],
+                _tensors(val_shard.iter_batches(batch_size=batch, batch_format="numpy")),
+                proxy_iterations=train["proxy_iterations"],
                 rank=rank, world_size=world, seed=train["seed"],
             )
             last_val["validated_epoch"] = epoch
