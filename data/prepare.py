@@ -128,9 +128,10 @@ def prepare_split(
     bar = tqdm(total=len(samples), unit="img", desc=f"{dataset}/{split} -> {out_uri}", disable=not progress,
                file=sys.stderr)
     bar.update(sum(record["rows"] for record in records if record))
-    if todo:
-        bar.write(f"{len(chunks) - len(todo)} of {len(chunks)} shards already written and verified; "
+    if len(todo) < len(chunks) and progress:
+        bar.write(f"{len(chunks) - len(todo)} of {len(chunks)} shards already written with matching sha256; "
                   f"writing {len(todo)}")
+    if todo:
         shards.delete(shards.join(out_uri, shards.MANIFEST))
 
     def done(index: int, source: str, record: dict) -> None:

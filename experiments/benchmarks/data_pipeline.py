@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             plain_times.append(time.perf_counter() - start)
             assert n == args.images
 
-        ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR")
         try:
             ray.data.DataContext.get_current().enable_progress_bars = False
             dataset = train_dataset(uri, crop_size=args.crop_size, seed=0)
