@@ -133,18 +133,22 @@ def test_ray_train_workers_get_batches(ray_session, shards, tmp_path):
     out = tmp_path / "seen.json"
 
     def loop(config):
+        import hashlib
         import json
 
         import ray.train
 
-        shapes, ids = [], []
+        shapes, ids, crops = [], [], []
         for _ in range(2):
+            digests = []
             for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=4):
                 shapes.append([list(batch["image"].shape), str(batch["image"].dtype), str(batch["label"].dtype)])
+                digests.extend(hashlib.sha256(x.numpy().tobytes()).hexdigest() for x in batch["image"])
+            crops.append(sorted(digests))
             for batch in ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=4, collate_fn=val_collate):
                 ids.extend(batch["id"])
         with open(config["out"], "w") as handle:
-            json.dump({"shapes": shapes, "ids": ids}, handle)
+            json.dump({"shapes": shapes, "ids": ids, "crops": crops}, handle)
 
     trainer = TorchTrainer(
         loop,
@@ -159,3 +163,5 @@ def test_ray_train_workers_get_batches(ray_session, shards, tmp_path):
     assert seen["shapes"] == [[[4, 3, 96, 96], "torch.float32", "torch.int64"]] * 6
     expected = [sample_id for sample_id, _, _ in iter_samples(shards["val"])]
     assert seen["ids"] == expected * 2
+    # A new augmentation every epoch, also through streaming_split.
+    assert len(seen["crops"][0]) == 12 and seen["crops"][0] != seen["crops"][1]
