@@ -12,6 +12,7 @@ In a Ray Train loop: `ray.train.get_dataset_shard("train").iter_torch_batches(ba
 
 from __future__ import annotations
 
+import warnings
 import zlib
 
 import numpy as np
@@ -22,7 +23,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from data import shards
 from data.codec import decode_image, decode_label
 from data.errors import DataError
-from data.transforms import train_transform, val_transform
+from data.transforms import check_scale_range, train_transform, val_transform
 
 # Rows per map call: a 473x473 float32 image plus int64 label is ~4.5 MB, so batches stay ~36 MB.
 MAP_BATCH_ROWS = 8
@@ -109,6 +110,7 @@ def train_dataset(uri: str, *, crop_size: int, scale_range: tuple[float, float] 
     """Training rows: random scale, pad, crop_size x crop_size random crop and flip; shards and rows shuffled."""
     from ray.data import FileShuffleConfig
 
+    check_scale_range(scale_range)
     manifest = checked_manifest(uri)
     ds = _read(uri, manifest, FileShuffleConfig(seed=seed, reseed_after_execution=True))
     ds = ds.map_batches(_shuffle_rows, fn_kwargs={"seed": seed}, batch_size=None, batch_format="pyarrow")
@@ -136,8 +138,10 @@ class ValCollate(NumpyBatchCollateFn):
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        return {"id": [str(i) for i in batch["id"]], "image": torch.as_tensor(batch["image"]),
-                "label": torch.as_tensor(batch["label"])}
+        with warnings.catch_warnings():  # arrays from the object store are read-only; the tensors are only read
+            warnings.simplefilter("ignore", UserWarning)
+            return {"id": [str(i) for i in batch["id"]], "image": torch.as_tensor(batch["image"]),
+                    "label": torch.as_tensor(batch["label"])}
 
 
 val_collate = ValCollate()

@@ -43,6 +43,12 @@ def _pad_to(image: np.ndarray, label: np.ndarray, height: int, width: int) -> tu
     )
 
 
+def check_scale_range(scale_range: tuple[float, float]) -> None:
+    low, high = scale_range
+    if not 0 < low <= high:
+        raise ValueError(f"scale_range {tuple(scale_range)!r}: must be (low, high) with 0 < low <= high")
+
+
 def _check(image: np.ndarray, label: np.ndarray) -> None:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image {image.dtype} {image.shape}: expected uint8 HxWx3")
@@ -60,6 +66,7 @@ def train_augment(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Random scale, pad to the crop, random crop and horizontal flip on uint8 arrays (HxWx3, HxW)."""
     _check(image, label)
+    check_scale_range(scale_range)
     crop_h, crop_w = _size2(crop_size)
     scale = rng.uniform(*scale_range)
     height, width = label.shape

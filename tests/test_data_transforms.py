@@ -97,3 +97,5 @@ def test_rejects_wrong_inputs():
         val_transform(image.astype(np.float32), label, size=32)
     with pytest.raises(ValueError, match="label uint8 \\(16, 32\\)"):
         val_transform(image, label[:16], size=32)
+    with pytest.raises(ValueError, match="scale_range"):
+        train_transform(image, label, crop_size=16, scale_range=(2.0, 0.5), rng=np.random.default_rng(0))
