@@ -13,11 +13,13 @@ the median pass (one warm-up pass each is not timed; a Ray pass includes its per
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +34,13 @@ from data.synthetic import generate_voc  # noqa: E402
 from data.transforms import train_transform  # noqa: E402
 
 
-def plain_loop(uri: str, *, crop_size: int, batch_size: int, seed: int, epoch: int) -> int:
-    """Single process: read each shard, decode, augment, stack batches; returns images produced."""
-    rng = np.random.default_rng([seed, epoch])
+def plain_loop(uri: str, *, crop_size: int, batch_size: int, seed: int, epoch: int, part: int = 0,
+               parts: int = 1) -> int:
+    """Single process: read each shard (every `parts`-th from `part`), decode, augment, stack batches."""
+    rng = np.random.default_rng([seed, epoch, part])
     count = 0
     images, labels = [], []
-    for shard in read_manifest(uri)["shards"]:
+    for shard in read_manifest(uri)["shards"][part::parts]:
         table = read_shard(join(uri, shard["file"]), shard["sha256"], shard["rows"])
         for image, label in zip(table.column("image").to_pylist(), table.column("label").to_pylist(), strict=True):
             x, y = train_transform(decode_image(image), decode_label(label), crop_size=crop_size, rng=rng)
@@ -50,6 +53,13 @@ def plain_loop(uri: str, *, crop_size: int, batch_size: int, seed: int, epoch: i
     if images:
         count += len(np.stack(images))
     return count
+
+
+def two_process_loop(pool, uri: str, *, crop_size: int, batch_size: int, seed: int, epoch: int) -> int:
+    """The plain loop in two processes over alternate shards: what 2 CPUs give without any framework."""
+    futures = [pool.submit(plain_loop, uri, crop_size=crop_size, batch_size=batch_size, seed=seed, epoch=epoch,
+                           part=part, parts=2) for part in range(2)]
+    return sum(future.result() for future in futures)
 
 
 def ray_loop(dataset, *, batch_size: int) -> tuple[int, float, int]:
@@ -94,36 +104,46 @@ def main(argv: list[str] | None = None) -> int:
             dataset = train_dataset(uri, crop_size=args.crop_size, seed=0)
 
             load_before = os.getloadavg()[0]
-            times: dict[str, list[float]] = {"plain": [], "ray": [], "ray_steady": []}
+            times: dict[str, list[float]] = {"plain": [], "two": [], "ray": [], "ray_steady": []}
             first_batch: list[float] = []
-            for epoch in range(args.passes + 1):  # pass 0 of each is warm-up (worker start, page cache)
-                start = time.perf_counter()
-                count = plain_loop(uri, crop_size=args.crop_size, batch_size=args.batch_size, seed=0, epoch=epoch)
-                plain_time = time.perf_counter() - start
-                assert count == args.images, count
-                start = time.perf_counter()
-                count, first, first_count = ray_loop(dataset, batch_size=args.batch_size)
-                ray_time = time.perf_counter() - start
-                assert count == args.images, count
-                if epoch:
-                    times["plain"].append(plain_time)
-                    times["ray"].append(ray_time)
-                    # Rate after the first batch arrived, i.e. without Ray Data's per-pass start-up.
-                    times["ray_steady"].append((ray_time - first) * args.images / (args.images - first_count))
-                    first_batch.append(first)
+            options = dict(crop_size=args.crop_size, batch_size=args.batch_size, seed=0)
+            with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+                for epoch in range(args.passes + 1):  # pass 0 of each is warm-up (worker start, page cache)
+                    start = time.perf_counter()
+                    assert plain_loop(uri, epoch=epoch, **options) == args.images
+                    plain_time = time.perf_counter() - start
+                    start = time.perf_counter()
+                    assert two_process_loop(pool, uri, epoch=epoch, **options) == args.images
+                    two_time = time.perf_counter() - start
+                    start = time.perf_counter()
+                    count, first, first_count = ray_loop(dataset, batch_size=args.batch_size)
+                    ray_time = time.perf_counter() - start
+                    assert count == args.images, count
+                    if epoch:
+                        times["plain"].append(plain_time)
+                        times["two"].append(two_time)
+                        times["ray"].append(ray_time)
+                        # Rate after the first batch arrived, i.e. without Ray Data's per-pass start-up.
+                        times["ray_steady"].append((ray_time - first) * args.images / (args.images - first_count))
+                        first_batch.append(first)
             load_after = os.getloadavg()[0]
         finally:
             ray.shutdown()
 
     rates = {name: args.images / statistics.median(t) for name, t in times.items()}
-    print(f"{'plain loop (1 process)':28s}: {rates['plain']:7.1f} images/s  (passes: "
-          + ", ".join(f"{t:.2f}s" for t in times["plain"]) + ")")
-    print(f"{f'Ray Data ({args.cpus} CPUs)':28s}: {rates['ray']:7.1f} images/s  (passes: "
-          + ", ".join(f"{t:.2f}s" for t in times["ray"]) + ")")
-    print(f"{'Ray Data after first batch':28s}: {rates['ray_steady']:7.1f} images/s  (first batch after "
+
+    def line(label: str, name: str, note: str = "") -> None:
+        print(f"{label:30s}: {rates[name]:7.1f} images/s  (passes: " + ", ".join(f"{t:.2f}s" for t in times[name])
+              + ")" + note)
+
+    line("plain loop (1 process)", "plain")
+    line(f"Ray Data ({args.cpus} CPUs)", "ray")
+    print(f"{'Ray Data after first batch':30s}: {rates['ray_steady']:7.1f} images/s  (first batch after "
           + ", ".join(f"{t:.2f}s" for t in first_batch) + ")")
-    print(f"{'ratio Ray / plain':28s}: {rates['ray'] / rates['plain']:7.2f}  (target >= 1.0; "
-          f"after first batch: {rates['ray_steady'] / rates['plain']:.2f})")
+    line("reference: plain, 2 processes", "two", "  <- what 2 CPUs allow here without a framework")
+    print(f"{'ratio Ray / plain':30s}: {rates['ray'] / rates['plain']:7.2f}  (target >= 1.0; "
+          f"after first batch {rates['ray_steady'] / rates['plain']:.2f}; 2 plain processes / 1: "
+          f"{rates['two'] / rates['plain']:.2f})")
     print(f"machine load average (1 min): {load_before:.1f} before, {load_after:.1f} after, on {os.cpu_count()} CPUs")
     return 0
 
