@@ -4,7 +4,7 @@ Both read the same Parquet shards of generated ~500x375 JPEGs and run the same d
 (data.codec) and augmentation (data.transforms.train_transform, 473x473 crops) into float32
 N x 3 x H x W batches; the script prints images/s of each and their ratio (target: >= 1.0).
 
-    PYTHONPATH=. python experiments/benchmarks/data_pipeline.py [--images 512] [--passes 5]
+    PYTHONPATH=. python experiments/benchmarks/data_pipeline.py [--images 1024] [--passes 5] [--workdir DIR]
 
 Passes alternate between the two so both see the same load on a shared machine; each figure is
 the median pass (one warm-up pass each is not timed; a Ray pass includes its per-pass start-up).
@@ -76,7 +76,7 @@ def ray_loop(dataset, *, batch_size: int) -> tuple[int, float, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=512, help="generated training images (default 512)")
+    parser.add_argument("--images", type=int, default=1024, help="generated training images (default 1024)")
     parser.add_argument("--passes", type=int, default=5,
                         help="timed passes per pipeline, interleaved plain/Ray after one warm-up each (default 5)")
     parser.add_argument("--batch-size", type=int, default=8)
