@@ -13,7 +13,7 @@ LABEL_MODES = ("P", "L")
 def decode_image(data: bytes) -> np.ndarray:
     """JPEG (or any PIL-readable) bytes -> uint8 HxWx3 RGB."""
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
 
 
 def decode_label(data: bytes) -> np.ndarray:

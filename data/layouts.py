@@ -93,21 +93,21 @@ def list_samples(dataset: str, root: str | Path, split: str) -> list[Sample]:
         where = str(list_file)
     if not samples:
         raise DataError(f"{dataset} split {split!r}: empty split ({where} lists no samples)")
-    _check_files(samples, dataset, split)
+    _check_files(samples, dataset, split, root)
     return samples
 
 
-def _check_files(samples: list[Sample], dataset: str, split: str) -> None:
+def _check_files(samples: list[Sample], dataset: str, split: str, root: Path) -> None:
     missing = []
     for sample in samples:
-        absent = [str(p) for p in (sample.image, sample.label) if not p.is_file()]
+        absent = [str(p.relative_to(root)) for p in (sample.image, sample.label) if not p.is_file()]
         if absent:
             missing.append(f"{sample.id} ({' and '.join(absent)} missing)")
     if missing:
         more = f"; and {len(missing) - MAX_NAMED} more" if len(missing) > MAX_NAMED else ""
         raise DataError(
-            f"{dataset} split {split!r}: {len(missing)} of {len(samples)} listed ids lack an image or label file: "
-            + "; ".join(missing[:MAX_NAMED]) + more
+            f"{dataset} split {split!r}: {len(missing)} of {len(samples)} listed ids lack an image or label file "
+            f"under {root}: " + "; ".join(missing[:MAX_NAMED]) + more
         )
 
 

@@ -128,16 +128,22 @@ def prepare_split(
     bar = tqdm(total=len(samples), unit="img", desc=f"{dataset}/{split} -> {out_uri}", disable=not progress,
                file=sys.stderr)
     bar.update(sum(record["rows"] for record in records if record))
-    if todo:
-        bar.write(f"{len(chunks) - len(todo)} of {len(chunks)} shards already written and verified; "
+    if len(todo) < len(chunks) and progress:
+        bar.write(f"{len(chunks) - len(todo)} of {len(chunks)} shards already written with matching sha256; "
                   f"writing {len(todo)}")
-        shards.delete(shards.join(out_uri, shards.MANIFEST))
+
+    def save_partial() -> None:
+        partial = _manifest(options, [r for r in records if r], names)
+        shards.write_bytes(shards.join(out_uri, PARTIAL), json.dumps(partial, indent=1).encode())
 
     def done(index: int, source: str, record: dict) -> None:
         records[index] = {**record, "source": source}
         bar.update(record["rows"])
-        partial = _manifest(options, [r for r in records if r], names)
-        shards.write_bytes(shards.join(out_uri, PARTIAL), json.dumps(partial, indent=1).encode())
+        save_partial()
+
+    if todo:  # readers must not find a complete manifest while shards are rewritten
+        save_partial()
+        shards.delete(shards.join(out_uri, shards.MANIFEST))
 
     jobs = [(chunks[i], dataset, reduce_zero_label, shards.join(out_uri, SHARD_NAME.format(i))) for i, _ in todo]
     try:
@@ -152,8 +158,8 @@ def prepare_split(
     shards.write_bytes(shards.join(out_uri, shards.MANIFEST), json.dumps(manifest, indent=1).encode())
     shards.delete(shards.join(out_uri, PARTIAL))
     keep = {record["file"] for record in records}
-    for stale in shards.list_files(out_uri):
-        if stale.startswith("part-") and stale.endswith(".parquet") and stale not in keep:
+    for stale in shards.list_files(out_uri):  # shards of an earlier, longer run; temporaries of a crashed one
+        if stale.startswith("part-") and ".parquet" in stale and stale not in keep:
             shards.delete(shards.join(out_uri, stale))
     return manifest
 

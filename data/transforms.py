@@ -43,6 +43,12 @@ def _pad_to(image: np.ndarray, label: np.ndarray, height: int, width: int) -> tu
     )
 
 
+def check_scale_range(scale_range: tuple[float, float]) -> None:
+    low, high = scale_range
+    if not 0 < low <= high:
+        raise ValueError(f"scale_range {tuple(scale_range)!r}: must be (low, high) with 0 < low <= high")
+
+
 def _check(image: np.ndarray, label: np.ndarray) -> None:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image {image.dtype} {image.shape}: expected uint8 HxWx3")
@@ -60,6 +66,7 @@ def train_augment(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Random scale, pad to the crop, random crop and horizontal flip on uint8 arrays (HxWx3, HxW)."""
     _check(image, label)
+    check_scale_range(scale_range)
     crop_h, crop_w = _size2(crop_size)
     scale = rng.uniform(*scale_range)
     height, width = label.shape
@@ -84,11 +91,17 @@ def val_resize(image: np.ndarray, label: np.ndarray, *, size: int | tuple[int, i
     return _pad_to(image, label, out_h, out_w)
 
 
-def to_arrays(image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 HxWx3 / HxW -> float32 3xHxW in [0, 1] / int64 HxW."""
-    chw = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
-    chw /= 255.0
-    return chw, label.astype(np.int64)
+def to_arrays(
+    image: np.ndarray, label: np.ndarray, out: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 HxWx3 / HxW -> float32 3xHxW in [0, 1] / int64 HxW, written into `out` when given (one pass each)."""
+    height, width = label.shape
+    if out is None:
+        out = np.empty((3, height, width), np.float32), np.empty((height, width), np.int64)
+    chw, labels = out
+    np.divide(image.transpose(2, 0, 1), np.float32(255), out=chw, dtype=np.float32)
+    labels[...] = label
+    return chw, labels
 
 
 def train_transform(
@@ -98,13 +111,18 @@ def train_transform(
     crop_size: int | tuple[int, int],
     scale_range: tuple[float, float] = (0.5, 2.0),
     rng: np.random.Generator,
+    out: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Train augmentation, returning float32 3xHxW in [0, 1] and int64 HxW (crop_size x crop_size)."""
-    return to_arrays(*train_augment(image, label, crop_size=crop_size, scale_range=scale_range, rng=rng))
+    return to_arrays(*train_augment(image, label, crop_size=crop_size, scale_range=scale_range, rng=rng), out=out)
 
 
 def val_transform(
-    image: np.ndarray, label: np.ndarray, *, size: int | tuple[int, int]
+    image: np.ndarray,
+    label: np.ndarray,
+    *,
+    size: int | tuple[int, int],
+    out: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic val transform, returning float32 3xHxW in [0, 1] and int64 HxW (size x size)."""
-    return to_arrays(*val_resize(image, label, size=size))
+    return to_arrays(*val_resize(image, label, size=size), out=out)

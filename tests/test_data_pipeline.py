@@ -1,0 +1,167 @@
+"""The Ray Data pipeline: batch shapes and dtypes, seeded train augmentation, deterministic exact val, checksums."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+
+from data.errors import ShardIntegrityError
+from data.pipeline import ingest_config, train_dataset, val_collate, val_dataset
+from data.prepare import prepare_split
+from data.shards import iter_samples
+from data.synthetic import generate_voc
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Demo-sized data (160x120, 4 classes): voc_aug train shards and VOC val shards; and 96x96 val shards."""
+    base = tmp_path_factory.mktemp("pipeline")
+    root = generate_voc(base / "demo", seed=0, train_images=12, val_images=6, num_classes=4, height=120, width=160)
+    square = generate_voc(base / "square", seed=1, train_images=1, val_images=6, num_classes=4, height=96, width=96)
+    uris = {"train": str(base / "shards" / "train"), "val": str(base / "shards" / "val"),
+            "square": str(base / "shards" / "square")}
+    prepare_split("voc_aug", root, "train", uris["train"], shard_rows=4, workers=1, progress=False)
+    prepare_split("voc", root, "val", uris["val"], shard_rows=4, workers=1, progress=False)
+    prepare_split("voc", square, "val", uris["square"], shard_rows=4, workers=1, progress=False)
+    return uris
+
+
+def _digests(batches) -> list[str]:
+    out = []
+    for batch in batches:
+        for image, label in zip(batch["image"], batch["label"], strict=True):
+            out.append(hashlib.sha256(np.asarray(image).tobytes() + np.asarray(label).tobytes()).hexdigest())
+    return sorted(out)
+
+
+def test_train_batches_shapes_and_dtypes(ray_session, shards):
+    import torch
+
+    ds = train_dataset(shards["train"], crop_size=96, seed=0)
+    batches = list(ds.iter_torch_batches(batch_size=4))
+    assert len(batches) == 3
+    for batch in batches:
+        assert set(batch) == {"image", "label"}
+        assert batch["image"].shape == (4, 3, 96, 96) and batch["image"].dtype == torch.float32
+        assert batch["label"].shape == (4, 96, 96) and batch["label"].dtype == torch.int64
+        assert 0 <= batch["image"].min() and batch["image"].max() <= 1
+        assert set(batch["label"].unique().tolist()) <= {0, 1, 2, 3, 255}
+
+
+def test_train_augmentation_seeded_and_new_each_pass(ray_session, shards):
+    first = train_dataset(shards["train"], crop_size=64, seed=3)
+    pass0 = _digests(first.iter_batches(batch_size=4, batch_format="numpy"))
+    pass1 = _digests(first.iter_batches(batch_size=4, batch_format="numpy"))
+    again = _digests(train_dataset(shards["train"], crop_size=64, seed=3).iter_batches(batch_size=4))
+    other = _digests(train_dataset(shards["train"], crop_size=64, seed=4).iter_batches(batch_size=4))
+    assert len(pass0) == 12
+    assert pass0 == again
+    assert pass0 != pass1
+    assert pass0 != other
+
+
+def test_val_deterministic_order_and_content(ray_session, shards):
+    ds = val_dataset(shards["val"], size=128)
+    runs = [list(ds.iter_batches(batch_size=4, batch_format="numpy")) for _ in range(2)]
+    expected_ids = [sample_id for sample_id, _, _ in iter_samples(shards["val"])]
+    for batches in runs:
+        assert [i for b in batches for i in b["id"]] == expected_ids
+        assert batches[0]["image"].shape == (4, 3, 128, 128) and batches[0]["image"].dtype == np.float32
+        assert batches[0]["label"].shape == (4, 128, 128) and batches[0]["label"].dtype == np.int64
+    for a, b in zip(*runs, strict=True):
+        assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["label"], b["label"])
+    limited = val_dataset(shards["val"], size=128, limit=5).take_all()
+    assert [row["id"] for row in limited] == expected_ids[:5]
+
+
+def test_val_labels_bit_exact_when_already_val_size(ray_session, shards):
+    rows = val_dataset(shards["square"], size=96).take_all()
+    samples = list(iter_samples(shards["square"]))
+    assert len(rows) == len(samples) == 6
+    for row, (sample_id, image, label) in zip(rows, samples, strict=True):
+        assert row["id"] == sample_id
+        assert np.array_equal(row["label"], label.astype(np.int64))
+        assert np.array_equal(row["image"], image.transpose(2, 0, 1).astype(np.float32) / 255)
+    assert any((row["label"] == 255).any() for row in rows)  # VOC borders stay ignore
+
+
+def test_val_torch_batches_keep_ids(ray_session, shards):
+    batches = list(val_dataset(shards["val"], size=128).iter_torch_batches(batch_size=4, collate_fn=val_collate))
+    assert [len(b["id"]) for b in batches] == [4, 2]
+    assert isinstance(batches[0]["id"][0], str)
+    assert tuple(batches[0]["image"].shape) == (4, 3, 128, 128) and str(batches[0]["label"].dtype) == "torch.int64"
+
+
+def test_damaged_shard_is_named_when_building(ray_session, shards, tmp_path):
+    import shutil
+
+    uri = str(tmp_path / "val")
+    shutil.copytree(shards["val"], uri)
+    val_dataset(uri, size=64)  # verified and cached
+    shard = tmp_path / "val" / "part-00001.parquet"
+    data = bytearray(shard.read_bytes())
+    data[50] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardIntegrityError, match=r"part-00001\.parquet: sha256 .* does not match"):
+        val_dataset(uri, size=64)
+    with pytest.raises(ShardIntegrityError, match=r"part-00001\.parquet"):
+        train_dataset(uri, crop_size=64)
+
+
+@pytest.mark.slow
+def test_ray_train_workers_get_batches(ray_session, shards, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out = tmp_path / "seen.json"
+
+    def loop(config):
+        import hashlib
+        import json
+
+        import ray.train
+
+        shapes, ids, crops = [], [], []
+        for _ in range(2):
+            digests = []
+            for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=4):
+                shapes.append([list(batch["image"].shape), str(batch["image"].dtype), str(batch["label"].dtype)])
+                digests.extend(hashlib.sha256(x.numpy().tobytes()).hexdigest() for x in batch["image"])
+            crops.append(sorted(digests))
+            for batch in ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=4, collate_fn=val_collate):
+                ids.extend(batch["id"])
+        with open(config["out"], "w") as handle:
+            json.dump({"shapes": shapes, "ids": ids, "crops": crops}, handle)
+
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config={"out": str(out)},
+        scaling_config=ScalingConfig(num_workers=1),
+        datasets={"train": train_dataset(shards["train"], crop_size=96), "val": val_dataset(shards["val"], size=128)},
+        dataset_config=ingest_config(),
+        run_config=RunConfig(storage_path=str(tmp_path), name="pipeline"),
+    )
+    trainer.fit()
+    seen = json.loads(out.read_text())
+    assert seen["shapes"] == [[[4, 3, 96, 96], "torch.float32", "torch.int64"]] * 6
+    expected = [sample_id for sample_id, _, _ in iter_samples(shards["val"])]
+    assert seen["ids"] == expected * 2
+    # A new augmentation every epoch, also through streaming_split.
+    assert len(seen["crops"][0]) == 12 and seen["crops"][0] != seen["crops"][1]
