@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -9,13 +10,39 @@ from typing import Any
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2.api.callback import UserCallback
 
+from data import shards
 from data.pipeline import ingest_config, train_dataset, val_dataset
-from data.shards import read_manifest
 from orchestrator.config import Config, to_dict
 from trainables.pir_at import train_loop_per_worker
 
 PROXY_METRIC = "val_robust_miou"
+
+
+EPOCH_LOG = "epochs.jsonl"
+
+
+class EpochLog(UserCallback):
+    """Controller-side callback: every report (rank 0's metrics) is appended to `epochs.jsonl` in the run's
+    storage folder, so the full per-epoch history survives restarts and checkpoint retention."""
+
+    def __init__(self, run_uri: str):
+        self.uri = f"{run_uri.rstrip('/')}/{EPOCH_LOG}"
+
+    def after_report(self, run_context, metrics, checkpoint):
+        row = {k: v for k, v in metrics[0].items() if isinstance(v, (int, float, str, bool))}
+        row["checkpoint"] = checkpoint.path if checkpoint is not None else None
+        previous = shards.read_bytes(self.uri) if shards.exists(self.uri) else b""
+        shards.write_bytes(self.uri, previous + (json.dumps(row) + "\n").encode())
+
+
+def read_epoch_log(run_uri: str) -> list[dict[str, Any]]:
+    """The per-epoch reports of a run, in the order they were made."""
+    uri = f"{run_uri.rstrip('/')}/{EPOCH_LOG}"
+    if not shards.exists(uri):
+        return []
+    return [json.loads(line) for line in shards.read_bytes(uri).decode().splitlines() if line.strip()]
 
 
 class TrialFailed(RuntimeError):
@@ -71,7 +98,7 @@ def build_trainer(
 ) -> TorchTrainer:
     """A TorchTrainer for one trial: datasets from the shards, DDP workers, best-K checkpoints, restarts."""
     train_uri, val_uri = shard_uris(config)
-    manifest = read_manifest(train_uri)
+    manifest = shards.read_manifest(train_uri)
     data = config.data
     loop_config = {
         "config": to_dict(config),
@@ -96,7 +123,7 @@ def build_trainer(
             checkpoint_score_order="max",
         ),
         failure_config=FailureConfig(max_failures=config.cluster.max_failures),
-        callbacks=list(callbacks) or None,
+        callbacks=[EpochLog(f"{storage_path.rstrip('/')}/{name}"), *callbacks],
     )
     return TorchTrainer(
         train_loop_per_worker,
@@ -121,5 +148,5 @@ def fit(trainer: TorchTrainer) -> TrainOutcome:
     if not result.best_checkpoints:
         raise TrialFailed("training reported no checkpoint")
     best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda item: item[1].get(PROXY_METRIC, -1.0))
-    history = result.metrics_dataframe.to_dict("records") if result.metrics_dataframe is not None else []
+    history = read_epoch_log(result.path)
     return TrainOutcome(best_checkpoint, dict(best_metrics), result.checkpoint, final, history, result.path)

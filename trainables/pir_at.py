@@ -241,7 +241,7 @@ class PirAt:
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "numpy": np.random.get_state(),
+                "numpy": _numpy_rng_state(),
                 "python": random.getstate(),
             },
             "num_classes": self.num_classes,
@@ -258,9 +258,21 @@ class PirAt:
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        np.random.set_state(rng["numpy"])
+        _set_numpy_rng_state(rng["numpy"])
         random.setstate(rng["python"])
         return int(state["epoch"])
+
+
+def _numpy_rng_state() -> dict[str, Any]:
+    """NumPy's global RNG state as tensors and numbers (a checkpoint must load with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _set_numpy_rng_state(state: dict[str, Any]) -> None:
+    np.random.set_state((state["kind"], state["keys"].numpy().astype(np.uint32), state["pos"],
+                         state["has_gauss"], state["cached_gaussian"]))
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, Any], source: str) -> None:
@@ -288,9 +300,12 @@ def load_model_state(model: torch.nn.Module, state: dict[str, Any], source: str)
 
 
 def fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of every parameter and buffer: equal on all DDP replicas when they are in sync."""
+    """A short hash of every parameter: equal on all DDP replicas when they are in sync.
+
+    Buffers (BatchNorm running statistics) are left out: each replica updates them from its own batch,
+    and DDP broadcasts rank 0's before every forward, so rank 0's are the ones used and checkpointed."""
     digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in model.named_parameters():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
