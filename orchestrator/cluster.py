@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import ray
+import ray.data
 
 from orchestrator.config import REPO_ROOT, Config
 
@@ -22,5 +23,7 @@ def connect(config: Config) -> str:
         path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
         ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}}, log_to_driver=True)
         where = "started a local Ray"
+    # The job prints its own progress per stage; Ray Data's live bars only garble a log file.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     resources = ray.cluster_resources()
     return f"{where}: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs"

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from data import shards
 from data.prepare import prepare_split
-from data.shards import read_manifest
 from orchestrator.config import Config
 
 
@@ -22,10 +22,9 @@ def _generated_root(config: Config) -> Path:
 
 
 def _manifest_matches(uri: str, dataset: str, split: str) -> bool:
-    try:
-        manifest = read_manifest(uri)
-    except FileNotFoundError:
+    if not shards.exists(f"{uri.rstrip('/')}/manifest.json"):
         return False
+    manifest = shards.read_manifest(uri)
     return manifest.get("dataset") == dataset and manifest.get("split") == split
 
 

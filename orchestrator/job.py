@@ -38,7 +38,8 @@ class StageTimer:
         return f"Stage times: {parts}; total {total:.0f}s ({total / 60:.1f} min)"
 
 
-def _epoch_metrics(result: dict) -> dict:
+def epoch_metrics(result: dict) -> dict:
+    """The per-epoch metrics worth a chart (Tune's own bookkeeping keys are left out)."""
     return {k: v for k, v in result.items() if k.startswith(EPOCH_METRICS) and isinstance(v, (int, float))}
 
 
@@ -47,7 +48,7 @@ def run_job(plan: Plan, config_path: str, resume: bool = False) -> int:
     from orchestrator.cluster import connect
     from orchestrator.data_stage import prepare_data
     from orchestrator.sea_pool import score_checkpoint
-    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep import EpochsToMlflow, run_sweep
     from orchestrator.tracking import SweepTracker, redact
 
     config = plan.config
@@ -58,24 +59,15 @@ def run_job(plan: Plan, config_path: str, resume: bool = False) -> int:
     with timer.stage("ray"):
         say(connect(config))
     tracker = SweepTracker(plan.tracking_uri, config, resume=resume)
-    runs: dict[str, str] = {}
-    trial_configs = dict(zip(plan.names, plan.trial_configs, strict=True))
-    trial_overrides = dict(zip(plan.names, plan.trials, strict=True))
-
-    def run_of(name: str) -> str:
-        if name not in runs:
-            runs[name] = tracker.trial_run(name, trial_configs[name], trial_overrides[name])
-        return runs[name]
-
+    runs = {name: tracker.trial_run(name, trial_config, overrides)
+            for name, trial_config, overrides in zip(plan.names, plan.trial_configs, plan.trials, strict=True)}
     with timer.stage("train"):
-        outcomes = run_sweep(
-            plan, resume=resume, on_start=run_of,
-            on_epoch=lambda name, epoch, result: tracker.log_epoch(run_of(name), epoch, _epoch_metrics(result)),
-        )
+        outcomes = run_sweep(plan, resume=resume,
+                             callbacks=[EpochsToMlflow(plan.tracking_uri, runs, keep=epoch_metrics)])
     failures = 0
     with timer.stage("sea"):
         for outcome in outcomes:
-            run_id = run_of(outcome.name)
+            run_id = runs[outcome.name]
             if outcome.error:
                 failures += 1
                 say(f"trial {outcome.name} failed: {outcome.error}")
@@ -86,7 +78,14 @@ def run_job(plan: Plan, config_path: str, resume: bool = False) -> int:
                 continue
             checkpoint = outcome.metrics["best_checkpoint"]
             say(f"trial {outcome.name}: SEA on {redact(checkpoint)} (best epoch {outcome.metrics.get('best_epoch')})")
-            sea = score_checkpoint(outcome.config, checkpoint, label=outcome.name)
+            try:
+                sea = score_checkpoint(outcome.config, checkpoint, label=outcome.name)
+            except Exception as exc:  # one trial's scoring failing must not lose the other trials' results
+                failures += 1
+                message = f"SEA scoring failed: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:500]}"
+                say(f"trial {outcome.name}: {message}")
+                tracker.mark_failed(run_id, message)
+                continue
             first = next(iter(sea.by_eps.values()))
             tracker.log_result(
                 run_id, clean=first["clean"], sea=sea.by_eps,

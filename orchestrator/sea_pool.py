@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import ray
+import ray.train
 
 from data.pipeline import val_dataset
 from orchestrator.config import Config, to_dict

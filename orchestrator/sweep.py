@@ -16,6 +16,7 @@ from orchestrator.plan import Plan
 from orchestrator.train import PROXY_METRIC, build_trainer, fit
 
 TRIALS_DIR = "trials"
+TRIAL_DRIVER_MEMORY = 256 * 1024**2
 
 
 @dataclass
@@ -62,24 +63,40 @@ def run_trial(tune_config: dict[str, Any]) -> None:
     })
 
 
-class _MlflowEpochs(tune.Callback):
-    """Driver-side Tune callback: each reported epoch goes to the trial's MLflow child run (step = epoch)."""
+class EpochsToMlflow(tune.Callback):
+    """Driver-side Tune callback: each epoch a trial reports goes to its MLflow child run (step = epoch).
 
-    def __init__(self, on_start: Callable[[str], None], on_epoch: Callable[[str, int, dict], None]):
-        self.on_start = on_start
-        self.on_epoch = on_epoch
+    Tune pickles its callbacks with the sweep state, so this holds only the tracking URI and the run ids;
+    the MLflow client is made on first use (also after `--resume` restores the callback)."""
 
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self.on_start(trial.config["trial"]["name"])
+    def __init__(self, tracking_uri: str, run_ids: dict[str, str], keep: Callable[[dict], dict]):
+        self.tracking_uri = tracking_uri
+        self.run_ids = dict(run_ids)
+        self.keep = keep
+        self._client = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_client": None}
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "epoch" in result and not result.get("trial_done"):
-            self.on_epoch(trial.config["trial"]["name"], int(result["epoch"]), result)
+        from mlflow import MlflowClient
+
+        from orchestrator.tracking import log_epoch_metrics
+
+        if "epoch" not in result or result.get("trial_done"):
+            return
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        run_id = self.run_ids[trial.config["trial"]["name"]]
+        log_epoch_metrics(self._client, run_id, int(result["epoch"]), self.keep(result))
 
 
 def _tuner(plan: Plan, callbacks: list[tune.Callback], resume: bool) -> tune.Tuner:
     config = plan.config
-    trainable = tune.with_resources(run_trial, {"cpu": 0})
+    # The trial function only drives its TorchTrainer, whose workers reserve their own CPUs and GPUs. Even a
+    # fraction of a CPU here would leave less than a whole one for a data task and stall the pipeline on a
+    # small machine, so the trial reserves a little memory instead (Tune needs a non-empty request).
+    trainable = tune.with_resources(run_trial, tune.PlacementGroupFactory([{"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}]))
     path = sweep_path(config)
     if resume:
         if not tune.Tuner.can_restore(path):
@@ -108,12 +125,9 @@ def _tuner(plan: Plan, callbacks: list[tune.Callback], resume: bool) -> tune.Tun
     )
 
 
-def run_sweep(plan: Plan, *, resume: bool = False, on_start=None, on_epoch=None) -> list[TrialOutcome]:
+def run_sweep(plan: Plan, *, resume: bool = False, callbacks: list[tune.Callback] = ()) -> list[TrialOutcome]:
     """Run (or resume) every trial of the plan; returns each trial's final metrics or error."""
-    callbacks = []
-    if on_start or on_epoch:
-        callbacks.append(_MlflowEpochs(on_start or (lambda name: None), on_epoch or (lambda *a: None)))
-    results = _tuner(plan, callbacks, resume).fit()
+    results = _tuner(plan, list(callbacks), resume).fit()
     by_name = {n: (o, c) for n, o, c in zip(plan.names, plan.trials, plan.trial_configs, strict=True)}
     outcomes = []
     for result in results:

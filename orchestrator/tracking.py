@@ -213,6 +213,17 @@ def _warn(message: str) -> None:
 # The tracker
 
 
+def log_epoch_metrics(client, run_id: str, epoch: int, metrics: Mapping[str, Any]) -> None:
+    """Log one epoch's numeric metrics at step = epoch (strings, bools, None and dicts are skipped)."""
+    from mlflow.entities import Metric
+
+    stamp = _now_ms()
+    entries = [Metric(metric_key(k), number, stamp, int(epoch))
+               for k, v in metrics.items() if (number := as_number(v)) is not None]
+    for start in range(0, len(entries), 1000):
+        client.log_batch(run_id, metrics=entries[start:start + 1000])
+
+
 class SweepTracker:
     """Records a sweep in MLflow through explicit run ids (no global active run): a parent run for the
     sweep, a child run per trial, their params, metrics, plots and a summary table.
@@ -341,13 +352,7 @@ class SweepTracker:
 
     def log_epoch(self, run_id: str, epoch: int, metrics: Mapping[str, Any]) -> None:
         """Per-epoch metrics at step = epoch; non-numeric values (strings, bools, None, dicts) are skipped."""
-        from mlflow.entities import Metric
-
-        stamp = _now_ms()
-        entries = [Metric(metric_key(k), number, stamp, int(epoch))
-                   for k, v in metrics.items() if (number := as_number(v)) is not None]
-        for start in range(0, len(entries), 1000):
-            self.client.log_batch(run_id, metrics=entries[start:start + 1000])
+        log_epoch_metrics(self.client, run_id, epoch, metrics)
 
     def log_result(self, run_id: str, *, clean: Mapping[str, Any], sea: Mapping[float, Mapping[str, Any]],
                    train_hours: float, attack_hours: float, checkpoint_uri: str) -> dict[str, float]:
