@@ -1,0 +1,73 @@
+"""build_model: the one entry point from the config's `model` section to a segmentation nn.Module."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from trainables.models.backbones import BACKBONES, CONVNEXTS, VITS, create_backbone
+from trainables.models.segmentation import SegmentationModel
+from trainables.models.segmenter import MaskTransformerHead
+from trainables.models.stems import STEMS
+from trainables.models.upernet import UPerNetHead
+from trainables.models.weights import load_backbone_weights
+
+DECODERS = ("upernet", "segmenter")
+BACKBONES_BY_DECODER = {"upernet": CONVNEXTS, "segmenter": VITS}
+
+
+def build_model(decoder: str, backbone: str, num_classes: int, stem: str = "patch",
+                backbone_weights: str | None = None, *, decoder_width: int = 512, pretrained_timm: bool = False,
+                drop_path_rate: float = 0.0) -> SegmentationModel:
+    """A segmentation model mapping images in [0, 1] (N x 3 x H x W) to logits N x num_classes x H x W.
+
+    The backbone is randomly initialised (timm, never downloaded), then loaded from `backbone_weights` (a URI)
+    when given; `model.init_report` records what was loaded ({"source": "random"} or {"source": "checkpoint",
+    uri, layout, loaded, missing, unexpected, ignored}).
+    """
+    if decoder not in DECODERS:
+        raise ValueError(f"model.decoder = {decoder!r}: unknown decoder; valid: {', '.join(DECODERS)}")
+    if backbone not in BACKBONES_BY_DECODER[decoder]:
+        known = "" if backbone in BACKBONES else " unknown backbone;"
+        raise ValueError(
+            f"model.backbone = {backbone!r}:{known} decoder {decoder} takes "
+            f"{', '.join(BACKBONES_BY_DECODER[decoder])}"
+        )
+    if stem not in STEMS:
+        raise ValueError(f"model.stem = {stem!r}: must be one of {', '.join(STEMS)}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes = {num_classes!r}: must be an integer >= 2 (background included)")
+    if decoder_width < 8:
+        raise ValueError(f"model.decoder_width = {decoder_width}: must be >= 8")
+    if pretrained_timm:
+        raise ValueError(
+            "pretrained_timm=True would download timm weights, which this project never does; save the ImageNet "
+            "checkpoint yourself and pass it as backbone_weights (with model.init: clean or pir)"
+        )
+    encoder = create_backbone(backbone, stem, drop_path_rate)
+    head: nn.Module
+    if decoder == "upernet":
+        head = UPerNetHead(encoder.channels, decoder_width, num_classes)
+    else:
+        head = MaskTransformerHead(encoder.channels[-1], decoder_width, num_classes)
+    model = SegmentationModel(encoder, head, decoder=decoder, backbone_name=backbone, stem=stem,
+                              num_classes=num_classes)
+    if backbone_weights:
+        model.init_report = {"source": "checkpoint", **load_backbone_weights(model, backbone_weights)}
+    return model
+
+
+def build_from_config(model_config: Any, num_classes: int) -> SegmentationModel:
+    """build_model from the config's `model` section; `init_report["init"]` records model.init (pir/clean/random)."""
+    model = build_model(
+        model_config.decoder, model_config.backbone, num_classes, model_config.stem, model_config.backbone_weights,
+        decoder_width=model_config.decoder_width,
+    )
+    model.init_report = {"init": model_config.init, **model.init_report}
+    return model
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements (buffers such as BatchNorm statistics are not parameters)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
