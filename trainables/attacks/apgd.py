@@ -125,9 +125,11 @@ def _stage(
 
         if i + 1 < n_iter:
             with torch.no_grad():
-                z = torch.clamp(cur + step.view(-1, 1, 1, 1) * grad.sign(), low, high)
+                z = torch.addcmul(cur, step.view(-1, 1, 1, 1), grad.sign()).clamp_(min=low, max=high)
                 if i > 0:
-                    z = torch.clamp(cur + MOMENTUM * (z - cur) + (1 - MOMENTUM) * (cur - prev), low, high)
+                    # x + a(z − x) + (1 − a)(x − x_prev) = a·z + 2(1 − a)·x − (1 − a)·x_prev
+                    z = z.mul_(MOMENTUM).add_(cur, alpha=2 * (1 - MOMENTUM)).add_(prev, alpha=-(1 - MOMENTUM))
+                    z = z.clamp_(min=low, max=high)
             prev, cur = cur, z
     result[active] = s["ret_x"]
     result_correct[active] = s["ret_correct"]
