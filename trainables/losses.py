@@ -168,7 +168,8 @@ class FusedLoss:
     The gradient of every loss here has the closed form α·(softmax − onehot) (α·logits + β·onehot for
     Mask-Sph) with per-pixel scalars α, β, so one pass over the logits gives loss, accuracy and gradient,
     with no autograd graph through the loss. Label-dependent constants are computed once, on the first call
-    (which also checks the labels against the number of classes the logits have).
+    (which also checks the labels against the number of classes the logits have). The returned gradient lives
+    in a workspace that the next call overwrites (reuse_buffer=False gives a fresh tensor each call).
     """
 
     def __init__(self, name: str, y: Tensor, ignore_index: int = IGNORE_INDEX, reuse_buffer: bool = True):
