@@ -6,7 +6,7 @@ from torch import nn
 
 from tests.segtoy import NUM_CLASSES, make_batch, trained_toy_model
 from trainables.attacks import AttackValidityError, apgd, check_valid, fgsm, ifgsm, least_likely, pgd
-from trainables.attacks.apgd import checkpoints, stage_plan
+from trainables.attacks.apgd import _take, checkpoints, stage_plan
 from trainables.attacks.pgd import ifgsm_steps
 from trainables.losses import LOSS_NAMES
 from trainables.metrics import confusion_matrix, scores
@@ -16,8 +16,10 @@ EPS = 8 / 255
 
 @pytest.fixture(scope="module")
 def model():
-    torch.set_num_threads(1)
-    return trained_toy_model()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors: one thread is faster, and robust to a busy machine
+    yield trained_toy_model()
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +167,16 @@ def test_images_at_zero_accuracy_leave_the_batch():
     recorder.calls.clear()
     apgd(recorder, x[[1, 3]], y[[1, 3]], eps=EPS, n_iter=10, loss="ce", red_eps=True, seed=0)
     assert [n for n, _ in recorder.calls] == [2, 2, 2]  # every stage ends after its first iteration
+
+
+def test_best_point_updates_copy_images_exactly():
+    g = torch.Generator().manual_seed(0)
+    into = torch.rand(5, 3, 7, 9, generator=g)
+    source = torch.rand(5, 3, 7, 9, generator=g) * 1e-3 + torch.tensor([0.0, 1.0, 1e-8, 0.5, 1.0]).view(-1, 1, 1, 1)
+    mask = torch.tensor([True, False, True, True, False])
+    want = torch.where(mask.view(-1, 1, 1, 1), source, into)
+    _take(into, source, mask)
+    assert torch.equal(into, want)
 
 
 def test_schedules():

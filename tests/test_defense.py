@@ -15,8 +15,10 @@ EPS = 8 / 255
 
 @pytest.fixture(scope="module")
 def model():
-    torch.set_num_threads(1)
-    return trained_toy_model()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors: one thread is faster, and robust to a busy machine
+    yield trained_toy_model()
+    torch.set_num_threads(threads)
 
 
 def test_nlm_is_opencv_coloured_nlm_with_the_seed_parameters_on_bgr_bytes():

@@ -16,8 +16,10 @@ LOSSES = ("mce-bal", "mce", "js")
 
 @pytest.fixture(scope="module")
 def model():
-    torch.set_num_threads(1)
-    return trained_toy_model()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors: one thread is faster, and robust to a busy machine
+    yield trained_toy_model()
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from data.classes import IGNORE_INDEX
 LOSS_NAMES = ("ce", "mce", "mce-bal", "js", "segpgd", "cospgd", "mask-sph")
 
 _LOG2 = math.log(2.0)
+_LOG2E = 1.0 / math.log(2.0)
 
 
 def check_loss_name(name: str) -> str:
@@ -167,7 +168,8 @@ class FusedLoss:
     The gradient of every loss here has the closed form α·(softmax − onehot) (α·logits + β·onehot for
     Mask-Sph) with per-pixel scalars α, β, so one pass over the logits gives loss, accuracy and gradient,
     with no autograd graph through the loss. Label-dependent constants are computed once, on the first call
-    (which also checks the labels against the number of classes the logits have).
+    (which also checks the labels against the number of classes the logits have). The returned gradient lives
+    in a workspace that the next call overwrites (reuse_buffer=False gives a fresh tensor each call).
     """
 
     def __init__(self, name: str, y: Tensor, ignore_index: int = IGNORE_INDEX, reuse_buffer: bool = True):
@@ -180,6 +182,7 @@ class FusedLoss:
         self.num_classes: int | None = None
         self.base: Tensor | None = None
         self._buffer: Tensor | None = None
+        self._ones: Tensor | None = None
 
     def _finalise(self, num_classes: int, dtype: torch.dtype) -> None:
         check_labels(self.y, num_classes, self.ignore_index, where=f"attack loss {self.name!r}")
@@ -197,7 +200,7 @@ class FusedLoss:
         sub.labelled = self.labelled[index]
         sub.num_classes = self.num_classes
         sub.base = None if self.base is None else self.base[index]
-        sub._buffer = None
+        sub._buffer = sub._ones = None
         return sub
 
     def _workspace(self, logits: Tensor) -> Tensor:
@@ -213,6 +216,14 @@ class FusedLoss:
             if self.reuse_buffer:
                 self._buffer = buf
         return buf
+
+    def _class_sum(self, buf: Tensor) -> Tensor:
+        """Sum over the class dimension of N×K×H×W as a batched matrix product (much faster than sum(1) on CPU)."""
+        n, k = buf.shape[:2]
+        ones = self._ones
+        if ones is None or ones.shape != (n, 1, k) or ones.dtype != buf.dtype or ones.device != buf.device:
+            ones = self._ones = torch.ones(n, 1, k, dtype=buf.dtype, device=buf.device)
+        return torch.bmm(ones, buf.view(n, k, -1)).view(n, *buf.shape[2:])
 
     @torch.no_grad()
     def __call__(self, logits: Tensor, *, step: int = 0, total_steps: int = 1) -> tuple[Tensor, Tensor, Tensor]:
@@ -236,7 +247,7 @@ class FusedLoss:
 
         if self.name == "mask-sph":
             torch.mul(logits, logits, out=buf)
-            norm = buf.sum(1).sqrt_().clamp_min_(1e-12)
+            norm = self._class_sum(buf).sqrt_().clamp_min_(1e-12)
             w = base * correct_px
             loss_px = -w * u_y / norm
             alpha = w * u_y / norm.pow(3)
@@ -245,14 +256,16 @@ class FusedLoss:
             buf.scatter_add_(1, index, beta.unsqueeze(1))
             return loss_px.sum((1, 2)), correct, buf
 
-        torch.sub(logits, top.unsqueeze(1), out=buf)
-        buf.exp_()
-        expsum = buf.sum(1)
+        # exp(u − max) as 2^(log2(e)·u − log2(e)·max): one fused pass for shift and scale, and exp2 is several
+        # times faster than exp on CPU
+        torch.add((-_LOG2E) * top.unsqueeze(1), logits, alpha=_LOG2E, out=buf)
+        buf.exp2_()
+        expsum = self._class_sum(buf)
         ce = top + expsum.log() - u_y
         if self.name == "js":
             log_q = -ce
             q = log_q.exp()
-            log1p_q = torch.log1p(q)
+            log1p_q = torch.log(1.0 + q)  # q is in [0, 1]; log1p is not vectorised on CPU
             js = 0.5 * (q * (_LOG2 + log_q - log1p_q) + (1.0 - q) * _LOG2 - (log1p_q - _LOG2))
             loss_px = base * js
             # dJS/dq = ½·log(q/(1+q)) and dq/du = q·(onehot − softmax)

@@ -1,0 +1,158 @@
+"""Benchmark: one APGD iteration (each SEA loss, red-ε on) against one bare forward+backward of the model.
+
+A UPerNet on ConvNeXt-atto at 128×128 (batch 4) with 21 and with 151 classes, measured side by side in one run:
+the bare step is the model's forward and its backward to the input from a fixed output gradient (no loss at
+all); an APGD iteration is the time of a 40-iteration red-ε APGD run divided by its forward passes. For context
+it also times a plain forward + cross-entropy + backward step ("ce-step"), what a naive attack iteration costs.
+Labels are the model's clean predictions (5% ignored), so images start at 100% accuracy. Target: every ratio
+≤ 1.10. Bare, ce-step and attack blocks are interleaved in every repeat, and ratios are taken within a repeat
+then the median over repeats (wall and process-CPU time); the fastest repeat of each step is shown too. On a shared
+machine other processes inflate some repeats: the load average is printed at the start and the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from trainables.attacks import apgd  # noqa: E402
+from trainables.attacks.sea import SEA_LOSSES  # noqa: E402
+from trainables.models import build_model  # noqa: E402
+
+TARGET = 1.10
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--classes", type=int, nargs="+", default=[21, 151])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--iterations", type=int, default=40, help="APGD iterations per run (red-ε on)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eps", type=float, default=8.0, help="in units of 1/255")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--losses", nargs="+", default=list(SEA_LOSSES))
+    return parser.parse_args(argv)
+
+
+class Timer:
+    """Wall and process-CPU seconds of a block (synchronising CUDA around it)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __call__(self, fn) -> tuple[float, float]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        wall, cpu = time.perf_counter(), time.process_time()
+        fn()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+
+Samples = dict[str, list[tuple[float, float]]]
+
+
+def bench_classes(num_classes: int, args: argparse.Namespace, device: torch.device) -> Samples:
+    """Per repeat, per-iteration (wall, cpu) seconds of the bare step, the CE step and APGD with each loss."""
+    torch.manual_seed(0)
+    model = build_model("upernet", "convnext_atto", num_classes, decoder_width=32).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(args.batch, 3, args.size, args.size, generator=g).to(device)
+    with torch.no_grad():
+        logits = model(x)
+    y = logits.argmax(1)
+    y[torch.rand(y.shape, generator=g).to(device) < 0.05] = 255
+    out_grad = torch.randn(logits.shape, generator=g).to(device)
+    eps = args.eps / 255.0
+
+    forwards: list[int] = []
+    model.register_forward_pre_hook(lambda _m, inputs: forwards.append(inputs[0].shape[0]))
+
+    def bare(iterations: int):
+        def run():
+            for _ in range(iterations):
+                x_in = x.clone().requires_grad_(True)
+                torch.autograd.grad(model(x_in), x_in, out_grad)
+        return run
+
+    def ce_step(iterations: int):
+        def run():
+            for _ in range(iterations):
+                x_in = x.clone().requires_grad_(True)
+                torch.autograd.grad(F.cross_entropy(model(x_in), y, ignore_index=255), x_in)
+        return run
+
+    def attack(loss: str, iterations: int):
+        return lambda: apgd(model, x, y, eps=eps, n_iter=iterations, loss=loss, red_eps=True, seed=0)
+
+    timer = Timer(device)
+    timer(bare(3))
+    for loss in args.losses:
+        timer(attack(loss, 4))
+    timer(ce_step(2))
+    samples: Samples = {"bare": [], "ce-step": [], **{loss: [] for loss in args.losses}}
+    for repeat in range(args.repeats):
+        wall, cpu = timer(bare(args.iterations))
+        samples["bare"].append((wall / args.iterations, cpu / args.iterations))
+        wall, cpu = timer(ce_step(args.iterations))
+        samples["ce-step"].append((wall / args.iterations, cpu / args.iterations))
+        for loss in args.losses:
+            forwards.clear()
+            wall, cpu = timer(attack(loss, args.iterations))
+            if len(forwards) != args.iterations or min(forwards) != args.batch:
+                print(f"  note: {loss} ran {len(forwards)} forwards with batch sizes {sorted(set(forwards))} "
+                      "(images at 0% accuracy left early); per-iteration time is per forward", flush=True)
+            samples[loss].append((wall / len(forwards), cpu / len(forwards)))
+        print(f"  K={num_classes} repeat {repeat + 1}/{args.repeats}: bare {1e3 * samples['bare'][-1][0]:.1f} ms, "
+              + ", ".join(f"{loss} {1e3 * samples[loss][-1][0]:.1f} ms" for loss in args.losses), flush=True)
+    return samples
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"attack speed: UPerNet/ConvNeXt-atto {args.size}x{args.size}, batch {args.batch}, {args.iterations} "
+          f"APGD iterations (red-eps), eps {args.eps:g}/255, {args.threads} threads, {device}, "
+          f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}", flush=True)
+    results = {k: bench_classes(k, args, device) for k in args.classes}
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f} (other processes on the machine inflate some repeats)")
+    worst: dict[str, float] = {}
+    print("\nper step: median time over repeats; ratio: median over repeats of (step / bare of the same repeat);"
+          " min: the fastest repeat of each")
+    header = (("classes", 7), ("step", 8), ("wall ms", 8), ("ratio", 6), ("cpu ms", 8), ("ratio", 6),
+              ("min wall", 9), ("ratio", 6))
+    print(" ".join(f"{title:>{width}}" for title, width in header))
+    for k, samples in results.items():
+        bare = samples["bare"]
+        for name, values in samples.items():
+            wall = statistics.median(v[0] for v in values)
+            cpu = statistics.median(v[1] for v in values)
+            ratio_wall = statistics.median(v[0] / b[0] for v, b in zip(values, bare, strict=True))
+            ratio_cpu = statistics.median(v[1] / b[1] for v, b in zip(values, bare, strict=True))
+            fastest = min(v[0] for v in values)
+            ratio_min = fastest / min(b[0] for b in bare)
+            if name not in ("bare", "ce-step"):
+                for key, value in (("wall", ratio_wall), ("cpu", ratio_cpu), ("min wall", ratio_min)):
+                    worst[key] = max(worst.get(key, 0.0), value)
+            print(f"{k:>7} {name:>8} {1e3 * wall:8.1f} {ratio_wall:6.3f} {1e3 * cpu:8.1f} {ratio_cpu:6.3f} "
+                  f"{1e3 * fastest:9.1f} {ratio_min:6.3f}")
+    print(f"\nlargest APGD-iteration / bare-step ratio (target <= {TARGET:.2f}): "
+          + ", ".join(f"{name} {value:.3f}" for name, value in worst.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
