@@ -48,7 +48,7 @@ def run_job(plan: Plan, config_path: str, resume: bool = False) -> int:
     from orchestrator.cluster import connect
     from orchestrator.data_stage import prepare_data
     from orchestrator.sea_pool import score_checkpoint
-    from orchestrator.sweep import EpochsToMlflow, run_sweep
+    from orchestrator.sweep import EpochsToMlflow, run_sweep, sweep_path
     from orchestrator.tracking import SweepTracker, redact
 
     config = plan.config
@@ -64,6 +64,12 @@ def run_job(plan: Plan, config_path: str, resume: bool = False) -> int:
     with timer.stage("train"):
         outcomes = run_sweep(plan, resume=resume,
                              callbacks=[EpochsToMlflow(plan.tracking_uri, runs, keep=epoch_metrics)])
+    unfinished = [o.name for o in outcomes if not o.finished and not o.error]
+    if unfinished:  # Tune stops on SIGINT after saving its state; nothing is scored or closed then
+        say(f"sweep interrupted before {', '.join(unfinished)} finished; its state is saved under "
+            f"{redact(sweep_path(config))}. Continue by running the same command with --resume.")
+        print(timer.summary(), flush=True)
+        return 130
     failures = 0
     with timer.stage("sea"):
         for outcome in outcomes:

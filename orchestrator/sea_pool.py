@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import ray
-import ray.train
 
 from data.pipeline import val_dataset
 from orchestrator.config import Config, to_dict
@@ -53,7 +52,9 @@ class SeaScorer:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model_config = dict(config, model=dict(config["model"], backbone_weights=None))
         self.model = model_from_config(model_config, num_classes)
-        with ray.train.Checkpoint(checkpoint_path).as_directory() as folder:
+        from orchestrator.train import open_checkpoint
+
+        with open_checkpoint(checkpoint_path).as_directory() as folder:
             load_model_state(self.model, read_state(os.path.join(folder, CHECKPOINT_FILE)), checkpoint_path)
         self.model.to(self.device).eval()
         for p in self.model.parameters():

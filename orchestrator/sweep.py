@@ -13,7 +13,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator.config import Config, to_dict, validate, with_values
 from orchestrator.plan import Plan
-from orchestrator.train import PROXY_METRIC, build_trainer, fit
+from orchestrator.train import PROXY_METRIC, build_trainer, checkpoint_uri, fit
 
 TRIALS_DIR = "trials"
 TRIAL_DRIVER_MEMORY = 256 * 1024**2
@@ -28,6 +28,11 @@ class TrialOutcome:
     config: Config
     metrics: dict[str, Any]
     error: str | None
+
+    @property
+    def finished(self) -> bool:
+        """Trained to the end (it reported its best checkpoint); False for failed or interrupted trials."""
+        return self.error is None and bool(self.metrics.get("trial_done"))
 
 
 def sweep_path(config: Config) -> str:
@@ -55,7 +60,7 @@ def run_trial(tune_config: dict[str, Any]) -> None:
     attack_seconds = sum(float(row.get("time_attack_s", 0.0)) for row in history)
     tune.report({
         **{k: v for k, v in outcome.best_metrics.items() if isinstance(v, (int, float, str))},
-        "best_checkpoint": outcome.best_checkpoint.path,
+        "best_checkpoint": checkpoint_uri(outcome.best_checkpoint),
         "best_epoch": outcome.best_metrics.get("epoch"),
         "train_hours": (time.time() - started) / 3600.0,
         "attack_hours": attack_seconds / 3600.0,
@@ -136,8 +141,6 @@ def run_sweep(plan: Plan, *, resume: bool = False, callbacks: list[tune.Callback
         error = None
         if result.error is not None:
             error = str(result.error).strip().splitlines()[-1] if str(result.error).strip() else repr(result.error)
-        elif not (result.metrics or {}).get("trial_done"):
-            error = "the trial ended without a final report"
         outcomes.append(TrialOutcome(name, overrides, config, dict(result.metrics or {}), error))
     order = {name: i for i, name in enumerate(plan.names)}
     return sorted(outcomes, key=lambda o: order[o.name])

@@ -136,6 +136,22 @@ def build_trainer(
     )
 
 
+def checkpoint_uri(checkpoint: ray.train.Checkpoint) -> str:
+    """A checkpoint's location as a URI any process can open (Checkpoint.path drops s3:// and gs://)."""
+    scheme = {"s3": "s3://", "gcs": "gs://"}.get(checkpoint.filesystem.type_name, "")
+    return f"{scheme}{checkpoint.path}"
+
+
+def open_checkpoint(uri: str) -> ray.train.Checkpoint:
+    """The Ray Train checkpoint at a URI written by `checkpoint_uri` (local path, s3://, gs://)."""
+    import pyarrow.fs
+
+    if "://" not in uri:
+        return ray.train.Checkpoint(uri)
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(uri)
+    return ray.train.Checkpoint(path, filesystem=filesystem)
+
+
 def fit(trainer: TorchTrainer) -> TrainOutcome:
     """Run a trainer; a failed or diverged run raises TrialFailed naming the reason."""
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -51,8 +52,9 @@ DEMO = (REPO / "experiments" / "configs" / "demo.yaml").read_text()
 @pytest.mark.parametrize(
     "config_text, overrides, expected",
     [
-        (DEMO.replace("  epochs: 3", "  epochz: 3"), [], "train.epochz: unknown key"),
-        (DEMO.replace("    eps: 4\n", "    eps: -1\n"), [], "train.attack.eps = -1: must be >= 0 (units of 1/255)"),
+        (re.sub(r"^  epochs:", "  epochz:", DEMO, flags=re.M), [], "train.epochz: unknown key"),
+        (re.sub(r"^    eps: .*$", "    eps: -1", DEMO, flags=re.M), [],
+         "train.attack.eps = -1: must be >= 0 (units of 1/255)"),
         (DEMO, ["train.epochs=0"], "train.epochs = 0: must be >= 1"),
         (DEMO, ["train.epochs=three"], "train.epochs = 'three': must be an integer"),
         (DEMO, ["train.attack.eps=abc"], "train.attack.eps = 'abc': must be a number (units of 1/255)"),
@@ -90,8 +92,9 @@ def test_overrides_apply_and_grid_expands():
     config = load_config(REPO / "experiments/configs/demo.yaml", ["train.epochs=5", "sea.eps=[0.5, 4]"])
     assert config.train.epochs == 5 and config.sea.eps == [0.5, 4.0]
     trials = expand_trials(config)
-    assert len(trials) == 4
-    assert {(t["train.attack.steps"], t["train.attack.eps"]) for t in trials} == {(0, 2), (0, 4), (2, 2), (2, 4)}
+    steps, eps = config.sweep.params["train.attack.steps"], config.sweep.params["train.attack.eps"]
+    assert len(trials) == len(steps) * len(eps) == 4
+    assert {(t["train.attack.steps"], t["train.attack.eps"]) for t in trials} == {(s, e) for s in steps for e in eps}
     trial = with_values(config, trials[0])
     assert trial.train.attack.steps == trials[0]["train.attack.steps"]
 

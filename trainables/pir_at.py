@@ -206,6 +206,9 @@ class PirAt:
 
         Rank r takes every world_size-th batch; confusion matrices are summed over ranks."""
         self.module.eval()
+        if world_size > 1:  # every rank evaluates the checkpointed model: rank 0's BatchNorm statistics
+            for buffer in self.module.buffers():
+                dist.broadcast(buffer, src=0)
         k = self.num_classes
         clean = torch.zeros(k, k, dtype=torch.long, device=self.device)
         robust = torch.zeros_like(clean)
