@@ -12,7 +12,7 @@ import os
 import pickle
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,7 @@ class SeaOutcome:
     images: int
     seconds: float
     examples: dict[str, np.ndarray] | None = None
+    scored_by: set[int] = field(default_factory=set)  # process ids of the actors whose results were used
 
 
 def image_key(image_id: str) -> int:
@@ -73,7 +74,7 @@ class SeaScorer:
         ids = [str(i) for i in batch["id"]]
         keys = [image_key(i) for i in ids]
         wanted = [n for n, i in enumerate(ids) if i in self.example_ids]
-        out: dict[str, list] = {"eps": [], "ids": [], "result": [], "examples": []}
+        out: dict[str, list] = {"eps": [], "ids": [], "result": [], "examples": [], "pid": []}
         largest = max(self.sea["eps"])
         for eps in self.sea["eps"]:
             keep = bool(wanted) and eps == largest
@@ -88,6 +89,7 @@ class SeaScorer:
             out["ids"].append(",".join(ids))
             out["result"].append(pickle.dumps(result))
             out["examples"].append(pickle.dumps(examples))
+            out["pid"].append(os.getpid())
         return {k: np.asarray(v, dtype=object) for k, v in out.items()}
 
     def _examples(self, result, x, y, wanted: list[int]) -> dict[str, np.ndarray]:
@@ -128,13 +130,16 @@ def score_checkpoint(config: Config, checkpoint_path: str, *, label: str = "", e
     started = time.time()
     results: dict[tuple[float, str], Any] = {}
     example_parts = []
+    scored_by: set[int] = set()
     done = {float(e): 0 for e in sea.eps}
     for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
-        for eps, ids, blob, ex in zip(batch["eps"], batch["ids"], batch["result"], batch["examples"], strict=True):
+        columns = (batch["eps"], batch["ids"], batch["result"], batch["examples"], batch["pid"])
+        for eps, ids, blob, ex, pid in zip(*columns, strict=True):
             key = (float(eps), str(ids))
             if key in results:  # a retried batch: count it once
                 continue
             results[key] = pickle.loads(blob)
+            scored_by.add(int(pid))
             done[float(eps)] += len(results[key])
             if ex is not None and pickle.loads(ex) is not None:
                 example_parts.append(pickle.loads(ex))
@@ -150,4 +155,4 @@ def score_checkpoint(config: Config, checkpoint_path: str, *, label: str = "", e
     if example_parts:
         joined = {k: np.concatenate([p[k] for p in example_parts]) for k in example_parts[0]}
         joined["eps"] = max(sea.eps)
-    return SeaOutcome(by_eps, total, time.time() - started, joined)
+    return SeaOutcome(by_eps, total, time.time() - started, joined, scored_by)

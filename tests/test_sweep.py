@@ -93,7 +93,7 @@ def trained_checkpoint(tmp_path, demo_shards) -> tuple[object, str]:
     from trainables.pir_at import CHECKPOINT_FILE, PirAt
 
     config = with_values(resolve_paths(load_config(REPO / "experiments/configs/demo.yaml"), REPO), {
-        "data.shards": demo_shards, "sea.eps": [8], "sea.iterations": 6, "sea.images": 16, "sea.batch_size": 4,
+        "data.shards": demo_shards, "sea.eps": [8], "sea.iterations": 40, "sea.images": 16, "sea.batch_size": 4,
         "sea.min_actors": 2, "sea.max_actors": 2,
     })
     torch.manual_seed(0)
@@ -117,28 +117,38 @@ def test_killed_sea_actor_changes_nothing(trained_checkpoint, repo_env):
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     try:
         undisturbed = score_checkpoint(config, checkpoint)
-        killed: dict[str, int] = {}
+        killed: dict[str, float] = {}
+
+        def scorer_pids() -> set[int]:
+            return {p.pid for p in psutil.process_iter(["cmdline"])
+                    if "SeaScorer" in " ".join(p.info["cmdline"] or [])
+                    and (p.info["cmdline"] or [""])[0].startswith("ray::")}
+
+        earlier = scorer_pids()  # the undisturbed run's actors, possibly still shutting down
 
         def kill_one_scorer():
             deadline = time.time() + 120
             while time.time() < deadline:
-                scorers = [p for p in psutil.process_iter(["cmdline"])
-                           if "SeaScorer" in " ".join(p.info["cmdline"] or [])
-                           and (p.info["cmdline"] or [""])[0].startswith("ray::")]
-                if scorers:
-                    time.sleep(2.0)  # loaded the checkpoint, inside its first batch
-                    os.kill(scorers[0].pid, signal.SIGKILL)
-                    killed["pid"] = scorers[0].pid
+                fresh = sorted(scorer_pids() - earlier)
+                if fresh:
+                    time.sleep(3.0)  # past loading the checkpoint, inside its first batches
+                    os.kill(fresh[0], signal.SIGKILL)
+                    killed["pid"], killed["at"] = fresh[0], time.time()
                     return
                 time.sleep(0.05)
 
         thread = threading.Thread(target=kill_one_scorer, daemon=True)
         thread.start()
         disturbed = score_checkpoint(config, checkpoint)
+        finished = time.time()
         thread.join(timeout=5)
     finally:
         ray.shutdown()
     assert "pid" in killed, "no SEA actor was found to kill"
+    assert killed["at"] < finished - 1.0, "the actor was killed only as scoring ended"
+    assert killed["pid"] not in disturbed.scored_by  # whatever it had in hand was scored again elsewhere
+    print(f"\nkilled SEA actor pid {killed['pid']} {finished - killed['at']:.1f}s before scoring ended; "
+          f"undisturbed {undisturbed.seconds:.1f}s, disturbed {disturbed.seconds:.1f}s")
     assert disturbed.images == undisturbed.images == 16
     assert disturbed.by_eps == undisturbed.by_eps
 
