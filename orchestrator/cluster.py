@@ -10,6 +10,14 @@ import ray.data
 from orchestrator.config import REPO_ROOT, Config
 
 
+def quiet_data() -> None:
+    """Turn off Ray Data's live progress bars in this process (datasets made here carry the setting):
+    the job prints its own progress per stage, and redrawn bars only garble logs."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+
+
 def connect(config: Config) -> str:
     """Initialise Ray once for this driver; returns a one-line description of where it runs."""
     if ray.is_initialized():
@@ -23,7 +31,6 @@ def connect(config: Config) -> str:
         path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
         ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}}, log_to_driver=True)
         where = "started a local Ray"
-    # The job prints its own progress per stage; Ray Data's live bars only garble a log file.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_data()
     resources = ray.cluster_resources()
     return f"{where}: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from contextlib import contextmanager
@@ -40,7 +41,8 @@ class StageTimer:
 
 def epoch_metrics(result: dict) -> dict:
     """The per-epoch metrics worth a chart (Tune's own bookkeeping keys are left out)."""
-    return {k: v for k, v in result.items() if k.startswith(EPOCH_METRICS) and isinstance(v, (int, float))}
+    return {k: v for k, v in result.items()
+            if k.startswith(EPOCH_METRICS) and isinstance(v, (int, float)) and math.isfinite(v)}
 
 
 def run_job(plan: Plan, config_path: str, resume: bool = False) -> int:

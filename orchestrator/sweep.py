@@ -13,10 +13,12 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator.config import Config, to_dict, validate, with_values
 from orchestrator.plan import Plan
-from orchestrator.train import PROXY_METRIC, build_trainer, checkpoint_uri, fit
+from orchestrator.train import build_trainer, checkpoint_uri, fit
+from trainables.pir_at import PROXY_METRIC
 
 TRIALS_DIR = "trials"
 TRIAL_DRIVER_MEMORY = 256 * 1024**2
+TRIAL_STOP_GRACE_S = 10
 
 
 @dataclass
@@ -98,6 +100,9 @@ class EpochsToMlflow(tune.Callback):
 
 def _tuner(plan: Plan, callbacks: list[tune.Callback], resume: bool) -> tune.Tuner:
     config = plan.config
+    # On Ctrl+C Tune asks running trials to stop, but a trial blocked in TorchTrainer.fit() only notices at
+    # its end; Tune's default wait before it removes such a trial is 600 s.
+    os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", str(TRIAL_STOP_GRACE_S))
     # The trial function only drives its TorchTrainer, whose workers reserve their own CPUs and GPUs. Even a
     # fraction of a CPU here would leave less than a whole one for a data task and stall the pipeline on a
     # small machine, so the trial reserves a little memory instead (Tune needs a non-empty request).

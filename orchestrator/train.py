@@ -14,11 +14,9 @@ from ray.train.v2.api.callback import UserCallback
 
 from data import shards
 from data.pipeline import ingest_config, train_dataset, val_dataset
+from orchestrator.cluster import quiet_data
 from orchestrator.config import Config, to_dict
-from trainables.pir_at import train_loop_per_worker
-
-PROXY_METRIC = "val_robust_miou"
-
+from trainables.pir_at import RANK_METRIC, train_loop_per_worker
 
 EPOCH_LOG = "epochs.jsonl"
 
@@ -97,6 +95,7 @@ def build_trainer(
     extra_loop_config: dict[str, Any] | None = None,
 ) -> TorchTrainer:
     """A TorchTrainer for one trial: datasets from the shards, DDP workers, best-K checkpoints, restarts."""
+    quiet_data()
     train_uri, val_uri = shard_uris(config)
     manifest = shards.read_manifest(train_uri)
     data = config.data
@@ -119,7 +118,7 @@ def build_trainer(
         storage_path=storage_path,
         checkpoint_config=CheckpointConfig(
             num_to_keep=config.train.keep_checkpoints,
-            checkpoint_score_attribute=PROXY_METRIC,
+            checkpoint_score_attribute=RANK_METRIC,
             checkpoint_score_order="max",
         ),
         failure_config=FailureConfig(max_failures=config.cluster.max_failures),
@@ -134,6 +133,11 @@ def build_trainer(
         datasets=datasets,
         dataset_config=ingest_config(split=("train",), ordered=("val",)),
     )
+
+
+def _score(metrics: dict[str, Any]) -> float:
+    """A checkpoint's rank: its robust proxy, or -1 for an epoch without validation."""
+    return float(metrics.get(RANK_METRIC, -1.0))
 
 
 def checkpoint_uri(checkpoint: ray.train.Checkpoint) -> str:
@@ -163,6 +167,6 @@ def fit(trainer: TorchTrainer) -> TrainOutcome:
         raise TrialFailed(result.return_value["diverged"])
     if not result.best_checkpoints:
         raise TrialFailed("training reported no checkpoint")
-    best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda item: item[1].get(PROXY_METRIC, -1.0))
+    best_checkpoint, best_metrics = max(result.best_checkpoints, key=lambda item: _score(item[1]))
     history = read_epoch_log(result.path)
     return TrainOutcome(best_checkpoint, dict(best_metrics), result.checkpoint, final, history, result.path)

@@ -54,14 +54,18 @@ def test_interrupted_sweep_resumes_without_repeating_finished_trials(tmp_path, r
     storage, db = tmp_path / "ray_results", tmp_path / "mlruns.db"
     overrides = [f"data.shards={tmp_path}/shards", f"sweep.storage_path={storage}", f"tracking.uri=sqlite:///{db}",
                  "train.epochs=2"]
-    proc = subprocess.Popen(sweep_command(*overrides), cwd=tmp_path, env=repo_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 400
-    while time.time() < deadline and not list((storage / "demo" / "trials").glob("t01_*")):
-        time.sleep(0.2)  # the second trial's trainer has started: the first one has finished
-    assert proc.poll() is None, proc.communicate()[0][-3000:]
-    proc.send_signal(signal.SIGINT)
-    output = proc.communicate(timeout=300)[0]
+    log = tmp_path / "first.log"  # a file, not a pipe: a full pipe would stall the driver
+    with open(log, "w") as out:
+        proc = subprocess.Popen(sweep_command(*overrides), cwd=tmp_path, env=repo_env, stdout=out,
+                                stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None \
+                and not list((storage / "demo" / "trials").glob("t01_*")):
+            time.sleep(0.2)  # the second trial's trainer has started: the first one has finished
+        assert proc.poll() is None, log.read_text()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=300)
+    output = log.read_text()
     assert proc.returncode == 130, output[-3000:]
     assert "interrupted" in output and "--resume" in output
     first = epochs_logged(storage)

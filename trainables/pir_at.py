@@ -31,6 +31,11 @@ from trainables.schedule import warmup_poly
 from trainables.units import to_unit
 
 CHECKPOINT_FILE = "state.pt"
+PROXY_METRIC = "val_robust_miou"
+# Checkpoints are ranked by this key: the robust proxy after a validation, else -1 (never preferred). It is
+# always finite: Ray Train's JSON snapshot of its checkpoint list turns NaN or inf into null, which a
+# restored run cannot rank.
+RANK_METRIC = "checkpoint_rank"
 
 
 class TrainingDiverged(RuntimeError):
@@ -368,12 +373,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     if checkpoint is None and loop_config.get("resume_from"):
         checkpoint = ray.train.Checkpoint(loop_config["resume_from"])
         source = f"resume_from {loop_config['resume_from']}"
-    last_val: dict[str, float] = {}
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = read_state(os.path.join(folder, CHECKPOINT_FILE))
         start_epoch = trainer.load_state_dict(state, source) + 1
-        last_val = state.get("last_val", {})
         print(f"[rank {rank}] resumed from {source} after epoch {start_epoch - 1}", flush=True)
 
     resumed_from = start_epoch - 1
@@ -391,13 +394,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         except TrainingDiverged as exc:
             return {"diverged": str(exc)}
         seconds = time.perf_counter() - started
+        validation = {RANK_METRIC: -1.0}
         if epoch % train["val_every"] == 0 or epoch == epochs:
-            last_val = trainer.validate(
+            validation = trainer.validate(
                 _tensors(val_shard.iter_batches(batch_size=batch, batch_format="numpy")),
                 proxy_iterations=train["proxy_iterations"],
                 rank=rank, world_size=world, seed=train["seed"],
             )
-            last_val["validated_epoch"] = epoch
+            validation[RANK_METRIC] = validation[PROXY_METRIC]
         images = stats.images * world
         report = {
             "epoch": epoch,
@@ -410,13 +414,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             "worker_nodes": node,
             "param_fingerprints": _gather(fingerprint(trainer.module), world),
             **stats.times.as_metrics(),
-            **last_val,
+            **validation,
         }
         with tempfile.TemporaryDirectory() as folder:
             ckpt = None
             if rank == 0:
                 state = trainer.state_dict(epoch)
-                state["last_val"] = last_val
                 torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
                 ckpt = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
