@@ -198,11 +198,12 @@ def test_sweep_submitted_as_ray_job_logs_to_mlflow_server(ray_head, tmp_path):
     from .mlflow_server import mlflow_server
 
     with mlflow_server(tmp_path, str(tmp_path / "artifacts")) as uri:
+        job_id = f"sweep-{tmp_path.name[-12:]}-{int(time.time())}"
         submitted = ray_head.submit(
             "python", "experiments/pir_at_sweep.py", *TINY, f"data.shards={tmp_path}/shards",
-            f"sweep.storage_path={tmp_path}/ray_results", f"tracking.uri={uri}", timeout=900)
+            f"sweep.storage_path={tmp_path}/ray_results", f"tracking.uri={uri}", submission_id=job_id, timeout=900)
         assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-4000:]
-        assert "SUCCEEDED" in submitted.stdout + submitted.stderr
+        assert ray_head.job_info(job_id)["status"] == "SUCCEEDED"
         client, parents, children = mlflow_runs(uri)
         assert len(parents) == 1 and parents[0].info.status == "FINISHED"
         assert sorted(c.info.run_name for c in children) == ["t00_steps=0", "t01_steps=1"]
