@@ -51,7 +51,7 @@ def run_job(plan: Plan, config_path: str, resume: bool = False) -> int:
     from orchestrator.data_stage import prepare_data
     from orchestrator.sea_pool import score_checkpoint
     from orchestrator.sweep import EpochsToMlflow, run_sweep, sweep_path
-    from orchestrator.tracking import SweepTracker, redact
+    from orchestrator.tracking import SweepTracker, redact, summary_markdown
 
     config = plan.config
     timer = StageTimer()
@@ -107,7 +107,7 @@ def run_job(plan: Plan, config_path: str, resume: bool = False) -> int:
                                      eps=ex["eps"])
             tracker.end_trial(run_id)
     rows = tracker.finish(status="FAILED" if failures else "FINISHED")
-    _print_summary(rows, config)
+    print("\nSummary\n" + summary_markdown(rows), flush=True)
     print(timer.summary(), flush=True)
     print(f"Open the MLflow UI on these runs:\n  mlflow ui --backend-store-uri {redact(plan.tracking_uri)}", flush=True)
     if failures:
@@ -121,21 +121,3 @@ def _already_scored(tracker, run_id: str, config) -> bool:
 
     metrics = tracker.client.get_run(run_id).data.metrics
     return all(f"sea_miou_eps{eps_label(e)}" in metrics for e in config.sea.eps)
-
-
-def _print_summary(rows: list[dict], config) -> None:
-    from trainables.units import eps_label
-
-    keys = ["trial_name", "attack_steps", "eps", "epochs", "clean_miou"]
-    keys += [f"sea_miou_eps{eps_label(e)}" for e in config.sea.eps] + ["train_hours"]
-    print("\nSummary (mIoU as fractions; SEA ε in 1/255):")
-    print(" | ".join(keys))
-    for row in rows:
-        cells = []
-        for key in keys:
-            value = row.get(key, "")
-            cells.append(f"{value:.4f}" if isinstance(value, float) else str(value))
-        print(" | ".join(cells))
-    print()
-
-

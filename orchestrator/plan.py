@@ -8,6 +8,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from data.shards import is_local
 from orchestrator.config import Config, ConfigError, with_values
 
 
@@ -42,10 +43,6 @@ def trial_name(index: int, overrides: dict[str, Any]) -> str:
     return f"t{index:02d}_{short or 'base'}"
 
 
-def _is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
-
-
 def _local_path(uri: str) -> str:
     return uri[len("file://"):] if uri.startswith("file://") else uri
 
@@ -59,11 +56,11 @@ def check_paths(config: Config) -> list[str]:
             f"data.root {data.root}: not found (a placeholder? point it at your "
             f"{'ADEChallengeData2016' if data.dataset == 'ade20k' else 'VOCdevkit/VOC2012'} folder)"
         )
-    if _is_local(data.shards) and not os.path.exists(os.path.join(_local_path(data.shards), "train", "manifest.json")):
+    if is_local(data.shards) and not os.path.exists(os.path.join(_local_path(data.shards), "train", "manifest.json")):
         source = "generated data" if data.synthetic else f"data.root {data.root}"
         warnings.append(f"data.shards {data.shards}: not found, will be prepared from {source}")
     weights = config.model.backbone_weights
-    if weights and _is_local(weights) and not os.path.exists(_local_path(weights)):
+    if weights and is_local(weights) and not os.path.exists(_local_path(weights)):
         warnings.append(f"model.backbone_weights {weights}: not found")
     return warnings
 

@@ -141,8 +141,9 @@ def score_checkpoint(config: Config, checkpoint_path: str, *, label: str = "", e
             results[key] = pickle.loads(blob)
             scored_by.add(int(pid))
             done[float(eps)] += len(results[key])
-            if ex is not None and pickle.loads(ex) is not None:
-                example_parts.append(pickle.loads(ex))
+            examples = pickle.loads(ex)
+            if examples is not None:
+                example_parts.append(examples)
         progress = ", ".join(f"eps {eps_label(e)}: {n}/{total}" for e, n in done.items())
         print(f"[sea{(' ' + label) if label else ''}] images scored {progress} "
               f"({time.time() - started:.0f}s)", file=sys.stderr, flush=True)

@@ -101,3 +101,6 @@ def demo_shards(tmp_path_factory) -> str:
 
 # A token-authenticated Ray head on 127.0.0.1 for `ray job submit` tests (tests/ray_head.py).
 from .ray_head import ray_head  # noqa: E402, F401
+
+# The toy segmentation net and batch shared by the attack, SEA and defence tests (tests/segtoy.py).
+from .segtoy import batch, model  # noqa: E402, F401

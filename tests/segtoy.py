@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -73,3 +74,17 @@ def trained_toy_model(steps: int = 300, adversarial: bool = False) -> ToySegNet:
         loss.backward()
         optimiser.step()
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The toy net trained once, with one torch thread while a module uses it (small tensors)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors: one thread is faster, and robust to a busy machine
+    yield trained_toy_model()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return make_batch(8, seed=7)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.segtoy import NUM_CLASSES, make_batch, trained_toy_model
+from tests.segtoy import NUM_CLASSES
 from trainables.attacks import AttackValidityError, apgd, check_valid, fgsm, ifgsm, least_likely, pgd
 from trainables.attacks.apgd import _take, checkpoints, stage_plan
 from trainables.attacks.pgd import ifgsm_steps
@@ -12,19 +12,6 @@ from trainables.losses import LOSS_NAMES
 from trainables.metrics import confusion_matrix, scores
 
 EPS = 8 / 255
-
-
-@pytest.fixture(scope="module")
-def model():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: one thread is faster, and robust to a busy machine
-    yield trained_toy_model()
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return make_batch(8, seed=7)
 
 
 def _scores(model, x, y):

@@ -5,20 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.segtoy import NUM_CLASSES, make_batch, trained_toy_model
+from tests.segtoy import NUM_CLASSES, make_batch
 from trainables.attacks import aggregate, sea
 from trainables.defense import NLMDefended, defended_models, nlm_bpda, nlm_denoise
 from trainables.metrics import intersection_union
 
 EPS = 8 / 255
-
-
-@pytest.fixture(scope="module")
-def model():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: one thread is faster, and robust to a busy machine
-    yield trained_toy_model()
-    torch.set_num_threads(threads)
 
 
 def test_nlm_is_opencv_coloured_nlm_with_the_seed_parameters_on_bgr_bytes():

@@ -6,25 +6,12 @@ import pickle
 import pytest
 import torch
 
-from tests.segtoy import NUM_CLASSES, make_batch, trained_toy_model
+from tests.segtoy import NUM_CLASSES
 from trainables.attacks import SeaResult, aggregate, sea
 from trainables.metrics import intersection_union
 
 EPS = 8 / 255
 LOSSES = ("mce-bal", "mce", "js")
-
-
-@pytest.fixture(scope="module")
-def model():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: one thread is faster, and robust to a busy machine
-    yield trained_toy_model()
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return make_batch(8, seed=7)
 
 
 @pytest.fixture(scope="module")

@@ -49,6 +49,8 @@ def local_ray(repo_env):
 
 def evaluate_checkpoint(config, checkpoint_path: str) -> float:
     """Clean mIoU of a saved state on the validation subset, computed outside Ray Train."""
+    import numpy as np
+
     from data.shards import iter_samples
     from data.transforms import val_transform
     from trainables import metrics
@@ -64,8 +66,8 @@ def evaluate_checkpoint(config, checkpoint_path: str) -> float:
     with torch.no_grad():
         for start in range(0, len(samples), batch):
             pairs = [val_transform(img, lab, size=config.data.val_size) for _, img, lab in samples[start:start + batch]]
-            x = torch.from_numpy(__import__("numpy").stack([p[0] for p in pairs]))
-            y = torch.from_numpy(__import__("numpy").stack([p[1] for p in pairs]))
+            x = torch.from_numpy(np.stack([p[0] for p in pairs]))
+            y = torch.from_numpy(np.stack([p[1] for p in pairs]))
             conf += metrics.confusion_matrix(model(x).argmax(1), y, k, ignore_index=255)
     return metrics.scores(conf)["miou"]
 
