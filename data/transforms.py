@@ -91,17 +91,28 @@ def val_resize(image: np.ndarray, label: np.ndarray, *, size: int | tuple[int, i
     return _pad_to(image, label, out_h, out_w)
 
 
-def to_arrays(
+def to_chw(
     image: np.ndarray, label: np.ndarray, out: tuple[np.ndarray, np.ndarray] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 HxWx3 / HxW -> float32 3xHxW in [0, 1] / int64 HxW, written into `out` when given (one pass each)."""
+    """uint8 HxWx3 / HxW -> uint8 3xHxW / HxW (copies, written into `out` when given).
+
+    Pipelines hand rows on in uint8, a quarter of float32's bytes; `to_float` converts whole batches
+    where they are consumed.
+    """
     height, width = label.shape
     if out is None:
-        out = np.empty((3, height, width), np.float32), np.empty((height, width), np.int64)
+        out = np.empty((3, height, width), np.uint8), np.empty((height, width), np.uint8)
     chw, labels = out
-    np.divide(image.transpose(2, 0, 1), np.float32(255), out=chw, dtype=np.float32)
+    chw[...] = image.transpose(2, 0, 1)
     labels[...] = label
     return chw, labels
+
+
+def to_float(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (...x3xHxW) and labels -> float32 in [0, 1] and int64, as the models take them."""
+    if images.dtype != np.uint8 or labels.dtype != np.uint8:
+        raise ValueError(f"images {images.dtype}, labels {labels.dtype}: expected uint8 (from to_chw)")
+    return np.divide(images, np.float32(255), dtype=np.float32), labels.astype(np.int64)
 
 
 def train_transform(
@@ -111,18 +122,13 @@ def train_transform(
     crop_size: int | tuple[int, int],
     scale_range: tuple[float, float] = (0.5, 2.0),
     rng: np.random.Generator,
-    out: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Train augmentation, returning float32 3xHxW in [0, 1] and int64 HxW (crop_size x crop_size)."""
-    return to_arrays(*train_augment(image, label, crop_size=crop_size, scale_range=scale_range, rng=rng), out=out)
+    return to_float(*to_chw(*train_augment(image, label, crop_size=crop_size, scale_range=scale_range, rng=rng)))
 
 
 def val_transform(
-    image: np.ndarray,
-    label: np.ndarray,
-    *,
-    size: int | tuple[int, int],
-    out: tuple[np.ndarray, np.ndarray] | None = None,
+    image: np.ndarray, label: np.ndarray, *, size: int | tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic val transform, returning float32 3xHxW in [0, 1] and int64 HxW (size x size)."""
-    return to_arrays(*val_resize(image, label, size=size), out=out)
+    return to_float(*to_chw(*val_resize(image, label, size=size)))

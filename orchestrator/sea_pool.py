@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from data.pipeline import val_dataset
+from data.pipeline import val_collate, val_dataset
 from orchestrator.config import Config, to_dict
 from trainables.units import eps_label
 
@@ -68,10 +68,8 @@ class SeaScorer:
         from trainables.attacks import sea
         from trainables.units import to_unit
 
-        torch = self.torch
-        x = torch.as_tensor(np.ascontiguousarray(batch["image"]), device=self.device)
-        y = torch.as_tensor(np.ascontiguousarray(batch["label"]), device=self.device)
-        ids = [str(i) for i in batch["id"]]
+        tensors = val_collate(batch)
+        x, y, ids = tensors["image"].to(self.device), tensors["label"].to(self.device), tensors["id"]
         keys = [image_key(i) for i in ids]
         wanted = [n for n, i in enumerate(ids) if i in self.example_ids]
         out: dict[str, list] = {"eps": [], "ids": [], "result": [], "examples": [], "pid": []}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from data.errors import ShardIntegrityError
-from data.pipeline import ingest_config, train_dataset, val_collate, val_dataset
+from data.pipeline import ingest_config, train_collate, train_dataset, val_collate, val_dataset
 from data.prepare import prepare_split
 from data.shards import iter_samples
 from data.synthetic import generate_voc
@@ -55,7 +55,10 @@ def test_train_batches_shapes_and_dtypes(ray_session, shards):
     import torch
 
     ds = train_dataset(shards["train"], crop_size=96, seed=0)
-    batches = list(ds.iter_torch_batches(batch_size=4))
+    raw = next(iter(ds.iter_batches(batch_size=4, batch_format="numpy")))
+    assert raw["image"].shape == (4, 3, 96, 96) and raw["image"].dtype == np.uint8  # compact in the object store
+    assert raw["label"].shape == (4, 96, 96) and raw["label"].dtype == np.uint8
+    batches = list(ds.iter_torch_batches(batch_size=4, collate_fn=train_collate))
     assert len(batches) == 3
     for batch in batches:
         assert set(batch) == {"image", "label"}
@@ -83,8 +86,8 @@ def test_val_deterministic_order_and_content(ray_session, shards):
     expected_ids = [sample_id for sample_id, _, _ in iter_samples(shards["val"])]
     for batches in runs:
         assert [i for b in batches for i in b["id"]] == expected_ids
-        assert batches[0]["image"].shape == (4, 3, 128, 128) and batches[0]["image"].dtype == np.float32
-        assert batches[0]["label"].shape == (4, 128, 128) and batches[0]["label"].dtype == np.int64
+        assert batches[0]["image"].shape == (4, 3, 128, 128) and batches[0]["image"].dtype == np.uint8
+        assert batches[0]["label"].shape == (4, 128, 128) and batches[0]["label"].dtype == np.uint8
     for a, b in zip(*runs, strict=True):
         assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["label"], b["label"])
     limited = val_dataset(shards["val"], size=128, limit=5).take_all()
@@ -97,9 +100,15 @@ def test_val_labels_bit_exact_when_already_val_size(ray_session, shards):
     assert len(rows) == len(samples) == 6
     for row, (sample_id, image, label) in zip(rows, samples, strict=True):
         assert row["id"] == sample_id
-        assert np.array_equal(row["label"], label.astype(np.int64))
-        assert np.array_equal(row["image"], image.transpose(2, 0, 1).astype(np.float32) / 255)
+        assert row["label"].dtype == np.uint8 and np.array_equal(row["label"], label)
+        assert np.array_equal(row["image"], image.transpose(2, 0, 1))
     assert any((row["label"] == 255).any() for row in rows)  # VOC borders stay ignore
+    batches = list(val_dataset(shards["square"], size=96).iter_torch_batches(batch_size=4, collate_fn=val_collate))
+    images = np.concatenate([b["image"].numpy() for b in batches])
+    labels = np.concatenate([b["label"].numpy() for b in batches])
+    assert labels.dtype == np.int64 and np.array_equal(labels, np.stack([s[2] for s in samples]).astype(np.int64))
+    assert images.dtype == np.float32
+    assert np.array_equal(images, np.stack([s[1] for s in samples]).transpose(0, 3, 1, 2).astype(np.float32) / 255)
 
 
 def test_val_torch_batches_keep_ids(ray_session, shards):
@@ -141,7 +150,8 @@ def test_ray_train_workers_get_batches(ray_session, shards, tmp_path):
         shapes, ids, crops = [], [], []
         for _ in range(2):
             digests = []
-            for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=4):
+            shard = ray.train.get_dataset_shard("train")
+            for batch in shard.iter_torch_batches(batch_size=4, collate_fn=train_collate):
                 shapes.append([list(batch["image"].shape), str(batch["image"].dtype), str(batch["label"].dtype)])
                 digests.extend(hashlib.sha256(x.numpy().tobytes()).hexdigest() for x in batch["image"])
             crops.append(sorted(digests))

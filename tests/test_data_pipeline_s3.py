@@ -32,7 +32,7 @@ def test_pipeline_over_s3(s3_bucket, tmp_path):
         samples = list(iter_samples(val_uri))
         assert [row["id"] for row in rows] == [sample_id for sample_id, _, _ in samples]
         for row, (_, _, label) in zip(rows, samples, strict=True):
-            assert np.array_equal(row["label"], label.astype(np.int64))
+            assert row["label"].dtype == np.uint8 and np.array_equal(row["label"], label)
         batches = list(train_dataset(train_uri, crop_size=48).iter_batches(batch_size=3, batch_format="numpy"))
         assert [b["image"].shape for b in batches] == [(3, 3, 48, 48)] * 2
     finally:

@@ -336,12 +336,6 @@ def read_state(path: str) -> dict[str, Any]:
 # -- Ray Train glue ---------------------------------------------------------------------------------------
 
 
-def _tensors(batches: Iterable[dict[str, np.ndarray]]) -> Iterator[dict[str, torch.Tensor]]:
-    """Image and label tensors of numpy batches (val batches also carry string ids, which torch cannot hold)."""
-    for batch in batches:
-        yield {"image": torch.from_numpy(batch["image"]), "label": torch.from_numpy(batch["label"])}
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -352,6 +346,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train entry point: resume if a checkpoint exists, train, validate, checkpoint every epoch."""
     import ray.train
     import ray.train.torch
+
+    from data.pipeline import train_collate, val_collate
 
     cfg = loop_config["config"]
     train = cfg["train"]
@@ -388,7 +384,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         # Seeded per (epoch, rank): a resumed run draws the same random starts as an uninterrupted one.
         _seed_everything(train["seed"] * 100003 + epoch * 101 + rank)
         started = time.perf_counter()
-        batches = train_shard.iter_torch_batches(batch_size=batch, drop_last=True, prefetch_batches=2)
+        batches = train_shard.iter_torch_batches(batch_size=batch, drop_last=True, prefetch_batches=2,
+                                                 collate_fn=train_collate)
         try:
             stats = trainer.train_epoch(batches, epoch)
         except TrainingDiverged as exc:
@@ -397,7 +394,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         validation = {RANK_METRIC: -1.0}
         if epoch % train["val_every"] == 0 or epoch == epochs:
             validation = trainer.validate(
-                _tensors(val_shard.iter_batches(batch_size=batch, batch_format="numpy")),
+                val_shard.iter_torch_batches(batch_size=batch, collate_fn=val_collate),
                 proxy_iterations=train["proxy_iterations"],
                 rank=rank, world_size=world, seed=train["seed"],
             )

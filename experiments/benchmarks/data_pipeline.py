@@ -1,8 +1,9 @@
 """Train-pipeline throughput: Ray Data (2 CPUs) against a plain single-process loop, measured in one run.
 
 Both read the same Parquet shards of generated ~500x375 JPEGs and run the same decode
-(data.codec) and augmentation (data.transforms.train_transform, 473x473 crops) into float32
-N x 3 x H x W batches; the script prints images/s of each and their ratio (target: >= 1.0).
+(data.codec), augmentation (data.transforms.train_augment, 473x473 crops) and conversion (uint8 rows,
+data.transforms.to_float per batch) into float32 N x 3 x H x W and int64 batch tensors; the script
+prints images/s of each and their ratio (target: >= 1.0).
 
     PYTHONPATH=. python experiments/benchmarks/data_pipeline.py [--images 1024] [--passes 5] [--workdir DIR]
 
@@ -31,7 +32,7 @@ from data.codec import decode_image, decode_label  # noqa: E402
 from data.prepare import prepare_split  # noqa: E402
 from data.shards import join, read_manifest, read_shard  # noqa: E402
 from data.synthetic import generate_voc  # noqa: E402
-from data.transforms import train_transform  # noqa: E402
+from data.transforms import to_chw, to_float, train_augment  # noqa: E402
 
 
 def plain_loop(uri: str, *, crop_size: int, batch_size: int, seed: int, epoch: int, part: int = 0,
@@ -40,18 +41,24 @@ def plain_loop(uri: str, *, crop_size: int, batch_size: int, seed: int, epoch: i
     rng = np.random.default_rng([seed, epoch, part])
     count = 0
     images, labels = [], []
+
+    def emit() -> int:
+        x, y = to_float(np.stack(images), np.stack(labels))
+        batch = torch.from_numpy(x), torch.from_numpy(y)
+        images.clear()
+        labels.clear()
+        return len(batch[0])
+
     for shard in read_manifest(uri)["shards"][part::parts]:
         table = read_shard(join(uri, shard["file"]), shard["sha256"], shard["rows"])
         for image, label in zip(table.column("image").to_pylist(), table.column("label").to_pylist(), strict=True):
-            x, y = train_transform(decode_image(image), decode_label(label), crop_size=crop_size, rng=rng)
+            x, y = to_chw(*train_augment(decode_image(image), decode_label(label), crop_size=crop_size, rng=rng))
             images.append(x)
             labels.append(y)
             if len(images) == batch_size:
-                batch = torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(labels))
-                count += len(batch[0])
-                images, labels = [], []
+                count += emit()
     if images:
-        count += len(np.stack(images))
+        count += emit()
     return count
 
 
@@ -64,9 +71,11 @@ def two_process_loop(pool, uri: str, *, crop_size: int, batch_size: int, seed: i
 
 def ray_loop(dataset, *, batch_size: int) -> tuple[int, float, int]:
     """One pass of iter_torch_batches; returns (images, seconds to the first batch, images in it)."""
+    from data.pipeline import train_collate
+
     count, first, first_count = 0, None, 0
     start = time.perf_counter()
-    for batch in dataset.iter_torch_batches(batch_size=batch_size):
+    for batch in dataset.iter_torch_batches(batch_size=batch_size, collate_fn=train_collate):
         assert batch["image"].dtype == torch.float32 and batch["label"].dtype == torch.int64
         count += batch["image"].shape[0]
         if first is None:
