@@ -15,6 +15,7 @@ keeps the string ids); pass `dataset_config=ingest_config()` to the trainer so v
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +27,7 @@ from data.codec import decode_image, decode_label
 from data.errors import DataError
 from data.transforms import check_scale_range, to_chw, to_float, train_augment, val_resize
 
-# Rows per map call: a 473x473 uint8 image plus label is ~0.9 MB, so map outputs stay ~7 MB.
+# Rows decoded per output batch: a 473x473 uint8 image plus label is ~0.9 MB, so outputs stream in ~7 MB.
 MAP_BATCH_ROWS = 8
 # Encoded rows per read block when shards are split to give every CPU work: a decode task should
 # take well over Ray's per-task cost (tens of ms on 2 cores). Shards are split only when there are
@@ -84,12 +85,19 @@ def _id_key(sample_id: str) -> int:
     return zlib.crc32(sample_id.encode())
 
 
-def _shuffle_rows(table: pa.Table, *, seed: int) -> pa.Table:
-    """Permute the (still encoded) rows of a block, seeded by the pass and the block's first id."""
+def _permuted(table: pa.Table, *, seed: int, pass_index: int) -> pa.Table:
+    """The (still encoded) rows of a block in an order seeded by the pass and the block's first id."""
     if table.num_rows < 2:
         return table
-    rng = np.random.default_rng([seed, _pass_index(seed), _id_key(table.column("id")[0].as_py())])
+    rng = np.random.default_rng([seed, pass_index, _id_key(table.column("id")[0].as_py())])
     return table.take(rng.permutation(table.num_rows))
+
+
+def _chunks(table: pa.Table) -> Iterator[tuple[list, list, list]]:
+    """(ids, encoded images, encoded labels) of MAP_BATCH_ROWS rows at a time."""
+    for start in range(0, table.num_rows, MAP_BATCH_ROWS):
+        part = table.slice(start, MAP_BATCH_ROWS)
+        yield part.column("id").to_pylist(), part.column("image").to_pylist(), part.column("label").to_pylist()
 
 
 def _outputs(count: int, size: int | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -97,22 +105,26 @@ def _outputs(count: int, size: int | tuple[int, int]) -> tuple[np.ndarray, np.nd
     return np.empty((count, 3, height, width), np.uint8), np.empty((count, height, width), np.uint8)
 
 
-def _train_batch(batch: dict, *, crop_size: int, scale_range: tuple[float, float], seed: int) -> dict:
+def _train_rows(table: pa.Table, *, crop_size: int, scale_range: tuple[float, float], seed: int) -> Iterator[dict]:
+    """A whole read block (so the map fuses into the read task): shuffle it, then decode and augment."""
     pass_index = _pass_index(seed)
-    images, labels = _outputs(len(batch["id"]), crop_size)
-    for row, (sample_id, image, label) in enumerate(zip(batch["id"], batch["image"], batch["label"], strict=True)):
-        rng = np.random.default_rng([seed, pass_index, _id_key(sample_id)])
-        augmented = train_augment(decode_image(image), decode_label(label), crop_size=crop_size,
-                                  scale_range=scale_range, rng=rng)
-        to_chw(*augmented, out=(images[row], labels[row]))
-    return {"image": images, "label": labels}
+    for ids, encoded_images, encoded_labels in _chunks(_permuted(table, seed=seed, pass_index=pass_index)):
+        images, labels = _outputs(len(ids), crop_size)
+        for row, (sample_id, image, label) in enumerate(zip(ids, encoded_images, encoded_labels, strict=True)):
+            rng = np.random.default_rng([seed, pass_index, _id_key(sample_id)])
+            augmented = train_augment(decode_image(image), decode_label(label), crop_size=crop_size,
+                                      scale_range=scale_range, rng=rng)
+            to_chw(*augmented, out=(images[row], labels[row]))
+        yield {"image": images, "label": labels}
 
 
-def _val_batch(batch: dict, *, size: int) -> dict:
-    images, labels = _outputs(len(batch["id"]), size)
-    for row, (image, label) in enumerate(zip(batch["image"], batch["label"], strict=True)):
-        to_chw(*val_resize(decode_image(image), decode_label(label), size=size), out=(images[row], labels[row]))
-    return {"id": batch["id"], "image": images, "label": labels}
+def _val_rows(table: pa.Table, *, size: int) -> Iterator[dict]:
+    """A whole read block, in order: decode, resize to fit, pad."""
+    for ids, encoded_images, encoded_labels in _chunks(table):
+        images, labels = _outputs(len(ids), size)
+        for row, (image, label) in enumerate(zip(encoded_images, encoded_labels, strict=True)):
+            to_chw(*val_resize(decode_image(image), decode_label(label), size=size), out=(images[row], labels[row]))
+        yield {"id": np.asarray(ids, dtype=object), "image": images, "label": labels}
 
 
 def train_dataset(uri: str, *, crop_size: int, scale_range: tuple[float, float] = (0.5, 2.0), seed: int = 0):
@@ -122,10 +134,9 @@ def train_dataset(uri: str, *, crop_size: int, scale_range: tuple[float, float] 
     check_scale_range(scale_range)
     manifest = checked_manifest(uri)
     ds = _read(uri, manifest, FileShuffleConfig(seed=seed, reseed_after_execution=True))
-    ds = ds.map_batches(_shuffle_rows, fn_kwargs={"seed": seed}, batch_size=None, batch_format="pyarrow")
     return ds.map_batches(
-        _train_batch, fn_kwargs={"crop_size": crop_size, "scale_range": tuple(scale_range), "seed": seed},
-        batch_size=MAP_BATCH_ROWS, batch_format="numpy",
+        _train_rows, fn_kwargs={"crop_size": crop_size, "scale_range": tuple(scale_range), "seed": seed},
+        batch_size=None, batch_format="pyarrow",
     )
 
 
@@ -136,9 +147,8 @@ def val_dataset(uri: str, *, size: int, limit: int | None = None):
     manifest = checked_manifest(uri)
     ds = _read(uri, manifest, None)
     ds.context.execution_options.preserve_order = True
-    if limit is not None:
-        ds = ds.limit(limit)
-    return ds.map_batches(_val_batch, fn_kwargs={"size": size}, batch_size=MAP_BATCH_ROWS, batch_format="numpy")
+    ds = ds.map_batches(_val_rows, fn_kwargs={"size": size}, batch_size=None, batch_format="pyarrow")
+    return ds if limit is None else ds.limit(limit)
 
 
 class TrainCollate(NumpyBatchCollateFn):
