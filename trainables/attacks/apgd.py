@@ -103,7 +103,8 @@ def _stage(
             better = value > s["best_loss"]
             s["best_loss"] = torch.where(better, value, s["best_loss"])
             _take(s["best_x"], cur, better)
-            s["best_grad"] = _where(better, grad, s["best_grad"])  # a gradient may be non-finite: no lerp
+            # a gradient may be non-finite, so no lerp; written in place (a fresh input-sized tensor costs more)
+            torch.where(better.view(-1, 1, 1, 1), grad, s["best_grad"], out=s["best_grad"])
             lower = correct < s["ret_correct"]
             s["ret_correct"] = torch.where(lower, correct, s["ret_correct"])
             _take(s["ret_x"], cur, lower)
