@@ -49,7 +49,7 @@ def checked_manifest(uri: str) -> dict:
     return manifest
 
 
-def _read(uri: str, manifest: dict, shuffle):
+def _read(uri: str, manifest: dict, shuffle, block_rows: int | None = None):
     import ray
     import ray.data
 
@@ -57,8 +57,11 @@ def _read(uri: str, manifest: dict, shuffle):
         raise DataError(f"{uri}: the manifest lists no shards")
     fs, base = shards.filesystem(uri)
     paths = [f"{base}/{shard['file']}" for shard in manifest["shards"]]
-    wanted = 2 * int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else len(paths)
-    blocks = max(len(paths), min(wanted, -(-manifest["total_rows"] // DECODE_BLOCK_ROWS)))
+    if block_rows is not None:
+        blocks = max(len(paths), -(-manifest["total_rows"] // block_rows))
+    else:
+        wanted = 2 * int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else len(paths)
+        blocks = max(len(paths), min(wanted, -(-manifest["total_rows"] // DECODE_BLOCK_ROWS)))
     context = ray.data.DataContext.get_current().copy()
     # The V1 Parquet reader: V2's per-pass file listing task costs ~1 s on every epoch on a 2-CPU node.
     context.use_datasource_v2 = False
@@ -140,12 +143,16 @@ def train_dataset(uri: str, *, crop_size: int, scale_range: tuple[float, float] 
     )
 
 
-def val_dataset(uri: str, *, size: int, limit: int | None = None):
-    """Val rows in manifest order: resized to fit size x size (nearest for labels), padded; first `limit` rows."""
+def val_dataset(uri: str, *, size: int, limit: int | None = None, block_rows: int | None = None):
+    """Val rows in manifest order: resized to fit size x size (nearest for labels), padded; first `limit` rows.
+
+    block_rows splits the shards into blocks of about that many rows (e.g. the SEA batch size, so that a pool
+    of actors shares the images evenly and a retried block is small); by default a block is a whole shard.
+    """
     if limit is not None and limit < 1:
         raise DataError(f"limit = {limit}: must be >= 1 (or None for all rows)")
     manifest = checked_manifest(uri)
-    ds = _read(uri, manifest, None)
+    ds = _read(uri, manifest, None, block_rows)
     ds.context.execution_options.preserve_order = True
     ds = ds.map_batches(_val_rows, fn_kwargs={"size": size}, batch_size=None, batch_format="pyarrow")
     return ds if limit is None else ds.limit(limit)

@@ -110,7 +110,7 @@ def score_checkpoint(config: Config, checkpoint_path: str, *, label: str = "", e
 
     sea = config.sea
     val_uri = f"{config.data.shards.rstrip('/')}/val"
-    dataset = val_dataset(val_uri, size=config.data.val_size, limit=sea.images)
+    dataset = val_dataset(val_uri, size=config.data.val_size, limit=sea.images, block_rows=sea.batch_size)
     total = dataset.count()
     example_ids = tuple(str(row["id"]) for row in dataset.select_columns(["id"]).take(examples))
     scored = dataset.map_batches(

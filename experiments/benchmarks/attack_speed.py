@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {k: bench_classes(k, args, device) for k in args.classes}
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f} (other processes on the machine inflate some repeats)")
     worst: dict[str, float] = {}
-    print("\nper step: median time over repeats; ratio: median over repeats of (step / mean of the bare blocks around it);"
-          " min: the fastest repeat of each")
+    print("\nper step: median time over repeats; ratio: median over repeats of (step / mean of the bare blocks "
+          "around it); min: the fastest repeat of each")
     header = (("classes", 7), ("step", 8), ("wall ms", 8), ("ratio", 6), ("cpu ms", 8), ("ratio", 6),
               ("min wall", 9), ("ratio", 6))
     print(" ".join(f"{title:>{width}}" for title, width in header))
