@@ -2,16 +2,18 @@
 
 Both sides run `trainables.pir_at.PirAt` with the same config and thread count; the plain side is fed
 decoded batches from memory, the Ray side streams them through the Ray Data pipeline (so data wait is
-part of what is measured there). The plain loop runs before and after the Ray side and the faster
-of the two counts. Prints steps/s of each, the ratio (target >= 0.95) and the Ray side's
+part of what is measured there). Plain and Ray runs alternate (plain, Ray, plain, Ray, ..., plain); each Ray
+run's ratio is taken against the mean of the plain runs around it, and the median over rounds is reported,
+so the machine's drift cancels. Prints steps/s of each, the ratio (target >= 0.95) and the Ray side's
 split of step time into attack / forward-backward / optimizer / data wait (target: data wait < 5%).
 
-    python experiments/benchmarks/train_step.py [--epochs 3] [--threads 1] [key.path=value ...]
+    python experiments/benchmarks/train_step.py [--epochs 3] [--threads 1] [--rounds 3] [key.path=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -60,7 +62,7 @@ def run_plain(config, steps_per_epoch: int, epochs: int, threads: int) -> dict[s
     return {"steps_per_s": steps / seconds, "step_s": seconds / steps}
 
 
-def run_ray(config, epochs: int, threads: int, storage: str) -> dict[str, float]:
+def run_ray(config, epochs: int, threads: int, storage: str, name: str) -> dict[str, float]:
     import ray
 
     from orchestrator.train import build_trainer, fit
@@ -69,7 +71,7 @@ def run_ray(config, epochs: int, threads: int, storage: str) -> dict[str, float]
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}})
     try:
         config = with_values(config, {"cluster.workers": 1, "cluster.cpus_per_worker": threads})
-        outcome = fit(build_trainer(config, name="bench", storage_path=storage))
+        outcome = fit(build_trainer(config, name=name, storage_path=storage))
     finally:
         ray.shutdown()
     rows = [r for r in outcome.history if int(r["epoch"]) > 1]
@@ -87,6 +89,8 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--epochs", type=int, default=3, help="epochs per side; the first is warm-up")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training loop, both sides")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="Ray runs, each between two plain runs (default 3; the median ratio counts)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,18 +106,24 @@ def main(argv=None) -> int:
         print(f"PIR-AT step: {config.model.decoder}/{config.model.backbone}, crop {config.data.crop_size}, "
               f"batch {config.per_worker_batch}, PGD steps {config.train.attack.steps}, {args.threads} thread(s), "
               f"{steps} steps/epoch x {args.epochs} epochs (first is warm-up)", flush=True)
-        before = run_plain(config, steps, args.epochs, args.threads)
-        ray_side = run_ray(config, args.epochs, args.threads, tmp)
-        after = run_plain(config, steps, args.epochs, args.threads)
-    # The plain loop runs before and after the Ray side; the ratio is against the faster of the two.
-    plain = max(before, after, key=lambda r: r["steps_per_s"])
-    ratio = ray_side["steps_per_s"] / plain["steps_per_s"]
-    print(f"plain process : {plain['steps_per_s']:.3f} steps/s ({plain['step_s'] * 1000:.0f} ms/step; "
-          f"before Ray {before['steps_per_s']:.3f}, after {after['steps_per_s']:.3f})")
-    print(f"Ray Train     : {ray_side['steps_per_s']:.3f} steps/s ({ray_side['step_s'] * 1000:.0f} ms/step)")
-    print(f"ratio Ray/plain: {ratio:.3f} (target >= 0.95)")
-    print("Ray step split: " + ", ".join(f"{k[5:]} {100 * v:.1f}%" for k, v in ray_side.items()
-                                         if k.startswith("frac_")) + " (target: data < 5%)")
+        plains = [run_plain(config, steps, args.epochs, args.threads)]
+        rays = []
+        for round_ in range(args.rounds):
+            rays.append(run_ray(config, args.epochs, args.threads, tmp, name=f"bench{round_}"))
+            plains.append(run_plain(config, steps, args.epochs, args.threads))
+    # Each Ray run is compared with the mean of the plain runs just before and after it (drift cancels).
+    ratios = [ray["steps_per_s"] / ((plains[i]["steps_per_s"] + plains[i + 1]["steps_per_s"]) / 2)
+              for i, ray in enumerate(rays)]
+    ratio = statistics.median(ratios)
+    print("plain process : " + ", ".join(f"{p['steps_per_s']:.3f}" for p in plains)
+          + f" steps/s (runs in order; median {statistics.median(p['step_s'] for p in plains) * 1000:.0f} ms/step)")
+    print("Ray Train     : " + ", ".join(f"{r['steps_per_s']:.3f}" for r in rays)
+          + f" steps/s (between them; median {statistics.median(r['step_s'] for r in rays) * 1000:.0f} ms/step)")
+    print(f"ratio Ray/plain: {ratio:.3f} (median of " + ", ".join(f"{r:.3f}" for r in ratios)
+          + "; target >= 0.95)")
+    split = {k: statistics.mean(r[k] for r in rays) for k in rays[0] if k.startswith("frac_")}
+    print("Ray step split: " + ", ".join(f"{k[5:]} {100 * v:.1f}%" for k, v in split.items())
+          + " (mean over Ray runs; target: data < 5%)")
     return 0
 
 
