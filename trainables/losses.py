@@ -275,15 +275,21 @@ class FusedLoss:
         torch.add((-_LOG2E) * top.unsqueeze(1), logits, alpha=_LOG2E, out=buf)
         buf.exp2_()
         expsum = self._class_sum(buf)
-        ce = top + expsum.log() - u_y
+        ce = torch.log(expsum).add_(top).sub_(u_y)
         if self.name == "js":
-            q = torch.exp(-ce)
-            one_q = 1.0 + q
+            q = ce.neg().exp_()
+            one_q = q + 1.0
             log1p_q = torch.log(one_q)  # q is in [0, 1]; log1p is not vectorised on CPU
-            # the docstring's JS, rearranged: log 2 − ½·[q·CE + (1+q)·log(1+q)]
-            loss_px = base * (_LOG2 - 0.5 * torch.addcmul(q * ce, one_q, log1p_q))
+            # the docstring's JS, rearranged: log 2 − ½·[q·CE + (1+q)·log(1+q)]; base sums to 1 per image
+            # (0 without labelled pixels), so the log 2 term is log 2 times that sum
+            half = 0.5 * base
+            inner = torch.mul(q, ce).addcmul_(one_q, log1p_q)
+            loss = _LOG2 * base.sum((1, 2)) - inner.mul_(half).sum((1, 2))
             # dJS/dq = ½·log(q/(1+q)) = −½·(CE + log(1+q)) and dq/du = q·(onehot − softmax)
-            alpha = (0.5 * base) * q * (ce + log1p_q)
+            alpha = q.mul_(half).mul_(ce.add_(log1p_q))
+            buf.mul_((alpha / expsum).unsqueeze(1))
+            buf.scatter_add_(1, index, alpha.neg_().unsqueeze(1))
+            return loss, correct, buf
         else:
             if self.name == "ce":
                 w = base
