@@ -287,9 +287,6 @@ class FusedLoss:
             loss = _LOG2 * base.sum((1, 2)) - inner.mul_(half).sum((1, 2))
             # dJS/dq = ½·log(q/(1+q)) = −½·(CE + log(1+q)) and dq/du = q·(onehot − softmax)
             alpha = q.mul_(half).mul_(ce.add_(log1p_q))
-            buf.mul_((alpha / expsum).unsqueeze(1))
-            buf.scatter_add_(1, index, alpha.neg_().unsqueeze(1))
-            return loss, correct, buf
         else:
             if self.name == "ce":
                 w = base
@@ -302,8 +299,8 @@ class FusedLoss:
                 s = torch.sigmoid(logits)
                 cos = torch.sigmoid(u_y) / s.mul_(s).sum(1).sqrt_().clamp_min_(1e-12)
                 w = base * cos
-            loss_px = w * ce
+            loss = (w * ce).sum((1, 2))
             alpha = w
         buf.mul_((alpha / expsum).unsqueeze(1))
         buf.scatter_add_(1, index, -alpha.unsqueeze(1))
-        return loss_px.sum((1, 2)), correct, buf
+        return loss, correct, buf

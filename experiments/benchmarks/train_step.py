@@ -45,13 +45,12 @@ def plain_batches(config, steps: int, batch: int) -> list[dict[str, torch.Tensor
     return batches
 
 
-def run_plain(config, steps_per_epoch: int, epochs: int, threads: int) -> dict[str, float]:
+def run_plain(config, batches: list[dict[str, torch.Tensor]], epochs: int, threads: int) -> dict[str, float]:
     from trainables.pir_at import PirAt
 
     torch.set_num_threads(threads)
     torch.manual_seed(config.train.seed)
-    trainer = PirAt(to_dict(config), config.data.num_classes, steps_per_epoch)
-    batches = plain_batches(config, steps_per_epoch, config.per_worker_batch)
+    trainer = PirAt(to_dict(config), config.data.num_classes, len(batches))
     per_epoch = []
     for epoch in range(1, epochs + 1):
         started = time.perf_counter()
@@ -106,11 +105,12 @@ def main(argv=None) -> int:
         print(f"PIR-AT step: {config.model.decoder}/{config.model.backbone}, crop {config.data.crop_size}, "
               f"batch {config.per_worker_batch}, PGD steps {config.train.attack.steps}, {args.threads} thread(s), "
               f"{steps} steps/epoch x {args.epochs} epochs (first is warm-up)", flush=True)
-        plains = [run_plain(config, steps, args.epochs, args.threads)]
+        batches = plain_batches(config, steps, config.per_worker_batch)  # decoded once, reused by every plain run
+        plains = [run_plain(config, batches, args.epochs, args.threads)]
         rays = []
         for round_ in range(args.rounds):
             rays.append(run_ray(config, args.epochs, args.threads, tmp, name=f"bench{round_}"))
-            plains.append(run_plain(config, steps, args.epochs, args.threads))
+            plains.append(run_plain(config, batches, args.epochs, args.threads))
     # Each Ray run is compared with the mean of the plain runs just before and after it (drift cancels).
     ratios = [ray["steps_per_s"] / ((plains[i]["steps_per_s"] + plains[i + 1]["steps_per_s"]) / 2)
               for i, ray in enumerate(rays)]

@@ -94,7 +94,7 @@ def _stage(
         value, correct, grad = loss_and_input_grad(model, cur, active_loss, step=i, total_steps=n_iter)
         if i == 0:
             s = {
-                "best_loss": value, "best_x": cur.clone(), "best_grad": grad, "review_loss": value,
+                "best_loss": value, "best_x": cur.clone(), "best_grad": grad.clone(), "review_loss": value,
                 "ups": torch.zeros_like(correct), "halved": torch.zeros_like(correct, dtype=torch.bool),
                 "ret_x": cur.clone(), "ret_correct": correct,
             }
@@ -103,7 +103,7 @@ def _stage(
             better = value > s["best_loss"]
             s["best_loss"] = torch.where(better, value, s["best_loss"])
             _take(s["best_x"], cur, better)
-            # a gradient may be non-finite, so no lerp; written in place (a fresh input-sized tensor costs more)
+            # a gradient may be non-finite, so no lerp; written in place into the stage's own copy
             torch.where(better.view(-1, 1, 1, 1), grad, s["best_grad"], out=s["best_grad"])
             lower = correct < s["ret_correct"]
             s["ret_correct"] = torch.where(lower, correct, s["ret_correct"])
