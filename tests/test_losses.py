@@ -122,8 +122,17 @@ def test_mce_bal_gives_each_present_class_the_same_total_weight():
     torch.testing.assert_close(plain[0], (53 * ce[0] + 3 * ce[1]) / labelled[0])
 
 
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    """Run under 1 and 2 torch threads: the per-pixel class maximum takes a different path for each."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("name", LOSS_NAMES)
-def test_fused_loss_equals_autograd_of_the_reference(name):
+def test_fused_loss_equals_autograd_of_the_reference(name, threads):
     logits, y = _batch(seed=2, n=4, h=9, w=5)
     y[3] = IGN  # an image without labelled pixels
     logits.requires_grad_(True)

@@ -1,16 +1,17 @@
 """Benchmark: one APGD iteration (each SEA loss, red-ε on) against one bare forward+backward of the model.
 
-A UPerNet (32 channels unless --decoder-width) on ConvNeXt-atto at 128×128 (batch 4) with 21 and with 151
-classes, measured side by side in one run:
+A UPerNet on ConvNeXt-atto at 128×128 (batch 4) with 21 and with 151 classes, at the UPerNet's default decoder
+width (512 channels, the recipes') and at the demo's 32 channels, measured side by side in one run:
 the bare step is the model's forward and its backward to the input from a fixed output gradient (no loss at
-all); an APGD iteration is the time of a 40-iteration red-ε APGD run divided by its forward passes. For context
+all); an APGD iteration is the time of a red-ε APGD run divided by its forward passes. For context
 it also times a plain forward + cross-entropy + backward step ("ce-step"), what a naive attack iteration costs.
 Labels are the model's clean predictions (5% ignored), so images start at 100% accuracy. Target: every ratio
 ≤ 1.10. Every ce-step and attack block is bracketed by bare blocks, its ratio is taken against the mean of the
 bare block just before and just after it (so slow drift of the machine's speed cancels), and the median over
 repeats is reported (wall and process-CPU time); the fastest repeat of each, against the fastest bare block, is
-shown too. On a shared machine other processes inflate some repeats: the load average is printed at the start
-and the end.
+shown too. The attack's own cost (loss, step control) does not depend on the decoder width, so the 32-channel
+decoder, about a tenth of the default model's time, is the harder case. On a shared machine other processes
+inflate some repeats: the load average is printed at the start and the end.
 """
 
 from __future__ import annotations
@@ -39,11 +40,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--classes", type=int, nargs="+", default=[21, 151])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--decoder-width", type=int, default=32,
-                        help="UPerNet channels (default 32, the demo's; the recipes use 512). The loss costs the same "
-                             "at any width, so a wider decoder lowers the ratios")
-    parser.add_argument("--iterations", type=int, default=40, help="APGD iterations per run (red-ε on)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--decoder-width", type=int, nargs="+", default=[512, 32],
+                        help="UPerNet channels, one model each (default: 512, the UPerNet default and the recipes', "
+                             "and 32, the demo's)")
+    parser.add_argument("--iterations", type=int, default=20, help="APGD iterations per run (red-ε on)")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eps", type=float, default=8.0, help="in units of 1/255")
     parser.add_argument("--device", default="cpu")
@@ -70,10 +71,10 @@ class Timer:
 Samples = dict[str, list[tuple[float, float]]]
 
 
-def bench_classes(num_classes: int, args: argparse.Namespace, device: torch.device) -> Samples:
+def bench_model(width: int, num_classes: int, args: argparse.Namespace, device: torch.device) -> Samples:
     """Per repeat, per-iteration (wall, cpu) seconds of the bare step, the CE step and APGD with each loss."""
     torch.manual_seed(0)
-    model = build_model("upernet", "convnext_atto", num_classes, decoder_width=args.decoder_width).to(device).eval()
+    model = build_model("upernet", "convnext_atto", num_classes, decoder_width=width).to(device).eval()
     g = torch.Generator().manual_seed(0)
     x = torch.rand(args.batch, 3, args.size, args.size, generator=g).to(device)
     with torch.no_grad():
@@ -133,7 +134,8 @@ def bench_classes(num_classes: int, args: argparse.Namespace, device: torch.devi
             after = bare_block()
             brackets[name].append(((before[0] + after[0]) / 2, (before[1] + after[1]) / 2))
             before = after
-        print(f"  K={num_classes} repeat {repeat + 1}/{args.repeats}: bare {1e3 * samples['bare'][-1][0]:.1f} ms, "
+        print(f"  width {width} K={num_classes} repeat {repeat + 1}/{args.repeats}: "
+              f"bare {1e3 * samples['bare'][-1][0]:.1f} ms, "
               + ", ".join(f"{loss} {1e3 * samples[loss][-1][0]:.1f} ms" for loss in args.losses), flush=True)
     samples["brackets"] = brackets  # type: ignore[assignment]
     return samples
@@ -143,18 +145,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"attack speed: UPerNet({args.decoder_width})/ConvNeXt-atto {args.size}x{args.size}, batch {args.batch}, "
+    widths = ", ".join(map(str, args.decoder_width))
+    print(f"attack speed: UPerNet({widths})/ConvNeXt-atto {args.size}x{args.size}, batch {args.batch}, "
           f"{args.iterations} APGD iterations (red-eps), eps {args.eps:g}/255, {args.threads} threads, {device}, "
           f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}", flush=True)
-    results = {k: bench_classes(k, args, device) for k in args.classes}
+    results = {(w, k): bench_model(w, k, args, device) for w in args.decoder_width for k in args.classes}
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f} (other processes on the machine inflate some repeats)")
-    worst: dict[str, float] = {}
+    worst: dict[int, dict[str, float]] = {w: {} for w in args.decoder_width}
     print("\nper step: median time over repeats; ratio: median over repeats of (step / mean of the bare blocks "
           "around it); min: the fastest repeat of each")
-    header = (("classes", 7), ("step", 8), ("wall ms", 8), ("ratio", 6), ("cpu ms", 8), ("ratio", 6),
+    header = (("width", 5), ("classes", 7), ("step", 8), ("wall ms", 8), ("ratio", 6), ("cpu ms", 8), ("ratio", 6),
               ("min wall", 9), ("ratio", 6))
     print(" ".join(f"{title:>{width}}" for title, width in header))
-    for k, samples in results.items():
+    for (w, k), samples in results.items():
         brackets = samples.pop("brackets")
         for name, values in samples.items():
             bare = brackets.get(name, values)
@@ -166,11 +169,12 @@ def main(argv: list[str] | None = None) -> int:
             ratio_min = fastest / min(b[0] for b in samples["bare"])
             if name not in ("bare", "ce-step"):
                 for key, value in (("wall", ratio_wall), ("cpu", ratio_cpu), ("min wall", ratio_min)):
-                    worst[key] = max(worst.get(key, 0.0), value)
-            print(f"{k:>7} {name:>8} {1e3 * wall:8.1f} {ratio_wall:6.3f} {1e3 * cpu:8.1f} {ratio_cpu:6.3f} "
+                    worst[w][key] = max(worst[w].get(key, 0.0), value)
+            print(f"{w:>5} {k:>7} {name:>8} {1e3 * wall:8.1f} {ratio_wall:6.3f} {1e3 * cpu:8.1f} {ratio_cpu:6.3f} "
                   f"{1e3 * fastest:9.1f} {ratio_min:6.3f}")
-    print(f"\nlargest APGD-iteration / bare-step ratio (target <= {TARGET:.2f}): "
-          + ", ".join(f"{name} {value:.3f}" for name, value in worst.items()))
+    for w, values in worst.items():
+        print(f"\nwidth {w}: largest APGD-iteration / bare-step ratio (target <= {TARGET:.2f}): "
+              + ", ".join(f"{name} {value:.3f}" for name, value in values.items()))
     return 0
 
 
