@@ -283,10 +283,10 @@ class FusedLoss:
             one_q = q + 1.0
             log1p_q = torch.log(one_q)  # q is in [0, 1]; log1p is not vectorised on CPU
             # the docstring's JS, rearranged: log 2 − ½·[q·CE + (1+q)·log(1+q)]; base sums to 1 per image
-            # (0 without labelled pixels), so the log 2 term is log 2 times that sum
+            # with labelled pixels (0 without), so the log 2 term is log 2 on those images
             half = 0.5 * base
             inner = torch.mul(q, ce).addcmul_(one_q, log1p_q)
-            loss = _LOG2 * base.sum((1, 2)) - inner.mul_(half).sum((1, 2))
+            loss = _LOG2 * (self.labelled > 0).to(base.dtype) - inner.mul_(half).sum((1, 2))
             # dJS/dq = ½·log(q/(1+q)) = −½·(CE + log(1+q)) and dq/du = q·(onehot − softmax)
             alpha = q.mul_(half).mul_(ce.add_(log1p_q))
         else:

@@ -412,7 +412,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         return train_shard.iter_torch_batches(batch_size=batch, drop_last=True, prefetch_batches=2,
                                               collate_fn=train_collate)
 
-    batches = _started(epoch_batches)
+    batches = _started(epoch_batches) if start_epoch <= epochs else None  # none when resumed after the last epoch
     for epoch in range(start_epoch, epochs + 1):
         # Seeded per (epoch, rank): a resumed run draws the same random starts as an uninterrupted one.
         _seed_everything(train["seed"] * 100003 + epoch * 101 + rank)

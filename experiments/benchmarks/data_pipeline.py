@@ -2,7 +2,7 @@
 
 Both read the same Parquet shards of generated ~500x375 JPEGs and run the same decode
 (data.codec), augmentation (data.transforms.train_augment, 473x473 crops) and conversion (uint8 rows,
-data.transforms.to_float per batch) into float32 N x 3 x H x W and int64 batch tensors; the script
+data.pipeline.train_collate per batch) into float32 N x 3 x H x W and int64 batch tensors; the script
 prints images/s of each and their ratio (target: >= 1.0).
 
     PYTHONPATH=. python experiments/benchmarks/data_pipeline.py [--images 1024] [--passes 5] [--workdir DIR]
@@ -29,10 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from data.codec import decode_image, decode_label  # noqa: E402
+from data.pipeline import train_collate  # noqa: E402
 from data.prepare import prepare_split  # noqa: E402
 from data.shards import join, read_manifest, read_shard  # noqa: E402
 from data.synthetic import generate_voc  # noqa: E402
-from data.transforms import to_chw, to_float, train_augment  # noqa: E402
+from data.transforms import to_chw, train_augment  # noqa: E402
 
 
 def plain_loop(uri: str, *, crop_size: int, batch_size: int, seed: int, epoch: int, part: int = 0,
@@ -43,11 +44,10 @@ def plain_loop(uri: str, *, crop_size: int, batch_size: int, seed: int, epoch: i
     images, labels = [], []
 
     def emit() -> int:
-        x, y = to_float(np.stack(images), np.stack(labels))
-        batch = torch.from_numpy(x), torch.from_numpy(y)
+        batch = train_collate({"image": np.stack(images), "label": np.stack(labels)})  # as the Ray side converts
         images.clear()
         labels.clear()
-        return len(batch[0])
+        return len(batch["image"])
 
     for shard in read_manifest(uri)["shards"][part::parts]:
         table = read_shard(join(uri, shard["file"]), shard["sha256"], shard["rows"])
@@ -71,8 +71,6 @@ def two_process_loop(pool, uri: str, *, crop_size: int, batch_size: int, seed: i
 
 def ray_loop(dataset, *, batch_size: int) -> tuple[int, float, int]:
     """One pass of iter_torch_batches; returns (images, seconds to the first batch, images in it)."""
-    from data.pipeline import train_collate
-
     count, first, first_count = 0, None, 0
     start = time.perf_counter()
     for batch in dataset.iter_torch_batches(batch_size=batch_size, collate_fn=train_collate):
