@@ -1,21 +1,21 @@
-"""Ray Data pipelines over Parquet shards: read_parquet -> decode -> train or val transforms -> batches.
+"""Ray Data pipelines over Parquet shards: training epochs in a fixed order, val/selection rows in manifest order.
 
-Rows come out as {"image": uint8 3xHxW, "label": uint8 HxW} (val also "id"): a quarter of float32's bytes
-through the object store. `train_collate` / `val_collate` turn a batch into float32 N x 3 x H x W in [0, 1]
-and int64 N x H x W tensors in the consumer's iterator threads. Every shard's
-sha256 is checked against the manifest when a dataset is built, so a damaged shard is an error naming it.
-Train augmentation is a pure function of (seed, pass over the data, sample id): reproducible, and new
-on every epoch. Val keeps manifest order and is deterministic.
+Rows come out as {"id", "image": uint8 3xHxW, "label": uint8 HxW}: a quarter of float32's bytes through the
+object store. `train_collate` / `val_collate` turn a batch into float32 N x 3 x H x W in [0, 1] and int64
+N x H x W tensors in the consumer's iterator threads. Every shard's sha256 is checked against the manifest
+when it is first read, so a damaged shard is an error naming it.
 
-In a Ray Train loop: `ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=B,
-collate_fn=train_collate)`, and for val `...iter_torch_batches(batch_size=B, collate_fn=val_collate)` (which
-keeps the string ids); pass `dataset_config=ingest_config()` to the trainer so val keeps its order there too.
+Training: `load_train_rows` puts the encoded split into the object store once per trial; each worker then
+builds `train_dataset(rows, epoch=e, positions=...)` per epoch with the positions `data.epoch_order` gives it,
+so what each worker sees, in which order and with which crop, is a function of (seed, epoch, position) only.
+Val and selection rows keep manifest order (pass `dataset_config=ingest_config()` to a trainer).
 """
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +24,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from data import shards
 from data.codec import decode_image, decode_label
+from data.epoch_order import epoch_order, sample_rng
 from data.errors import DataError
 from data.transforms import check_scale_range, to_chw, to_float, train_augment, val_resize
 
@@ -74,28 +75,6 @@ def _read(uri: str, manifest: dict, shuffle, block_rows: int | None = None):
     return ds.select_columns(["id", "image", "label"])
 
 
-def _pass_index(seed: int) -> int:
-    """Which pass over the data this is (0, 1, ...): Ray Data counts executions of the same dataset."""
-    from ray.data import DataContext, RandomSeedConfig
-
-    seeds = RandomSeedConfig(seed=seed, reseed_after_execution=True).get_seed_tuple(
-        data_context=DataContext.get_current()
-    )
-    return int(seeds.execution_idx or 0)
-
-
-def _id_key(sample_id: str) -> int:
-    return zlib.crc32(sample_id.encode())
-
-
-def _permuted(table: pa.Table, *, seed: int, pass_index: int) -> pa.Table:
-    """The (still encoded) rows of a block in an order seeded by the pass and the block's first id."""
-    if table.num_rows < 2:
-        return table
-    rng = np.random.default_rng([seed, pass_index, _id_key(table.column("id")[0].as_py())])
-    return table.take(rng.permutation(table.num_rows))
-
-
 def _chunks(table: pa.Table) -> Iterator[tuple[list, list, list]]:
     """(ids, encoded images, encoded labels) of MAP_BATCH_ROWS rows at a time."""
     for start in range(0, table.num_rows, MAP_BATCH_ROWS):
@@ -108,19 +87,6 @@ def _outputs(count: int, size: int | tuple[int, int]) -> tuple[np.ndarray, np.nd
     return np.empty((count, 3, height, width), np.uint8), np.empty((count, height, width), np.uint8)
 
 
-def _train_rows(table: pa.Table, *, crop_size: int, scale_range: tuple[float, float], seed: int) -> Iterator[dict]:
-    """A whole read block (so the map fuses into the read task): shuffle it, then decode and augment."""
-    pass_index = _pass_index(seed)
-    for ids, encoded_images, encoded_labels in _chunks(_permuted(table, seed=seed, pass_index=pass_index)):
-        images, labels = _outputs(len(ids), crop_size)
-        for row, (sample_id, image, label) in enumerate(zip(ids, encoded_images, encoded_labels, strict=True)):
-            rng = np.random.default_rng([seed, pass_index, _id_key(sample_id)])
-            augmented = train_augment(decode_image(image), decode_label(label), crop_size=crop_size,
-                                      scale_range=scale_range, rng=rng)
-            to_chw(*augmented, out=(images[row], labels[row]))
-        yield {"image": images, "label": labels}
-
-
 def _val_rows(table: pa.Table, *, size: int) -> Iterator[dict]:
     """A whole read block, in order: decode, resize to fit, pad."""
     for ids, encoded_images, encoded_labels in _chunks(table):
@@ -130,16 +96,89 @@ def _val_rows(table: pa.Table, *, size: int) -> Iterator[dict]:
         yield {"id": np.asarray(ids, dtype=object), "image": images, "label": labels}
 
 
-def train_dataset(uri: str, *, crop_size: int, scale_range: tuple[float, float] = (0.5, 2.0), seed: int = 0):
-    """Training rows: random scale, pad, crop_size x crop_size random crop and flip; shards and rows shuffled."""
-    from ray.data import FileShuffleConfig
+@dataclass(frozen=True)
+class TrainRows:
+    """The training split's encoded rows in Ray's object store: one object per shard, read and checked once.
+
+    Workers on a node share the node's copy (zero-copy reads), so an epoch in any order reads no file.
+    """
+
+    uri: str
+    shard_refs: tuple
+    offsets: tuple[int, ...]  # shard i holds rows offsets[i] .. offsets[i + 1] - 1
+
+    @property
+    def total_rows(self) -> int:
+        return self.offsets[-1]
+
+
+def load_train_rows(uri: str, *, threads: int = 4) -> TrainRows:
+    """Read every training shard (sha256 and row count checked against the manifest) into the object store."""
+    import ray
+
+    manifest = shards.read_manifest(uri)
+    if not manifest["shards"]:
+        raise DataError(f"{uri}: the manifest lists no shards")
+
+    def read(shard: dict):
+        table = shards.read_shard(shards.join(uri, shard["file"]), shard["sha256"], shard["rows"])
+        return ray.put(table.select(["id", "image", "label"]))
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        refs = tuple(pool.map(read, manifest["shards"]))
+    offsets = tuple(int(n) for n in np.cumsum([0] + [shard["rows"] for shard in manifest["shards"]]))
+    return TrainRows(uri, refs, offsets)
+
+
+def _train_rows(batch: dict[str, np.ndarray], *, shard_refs: tuple, offsets: tuple[int, ...], seed: int,
+                epoch: int, crop_size: int, scale_range: tuple[float, float]) -> Iterator[dict]:
+    """Decode and augment the rows at the given positions of the epoch, in their order, MAP_BATCH_ROWS at a time."""
+    import ray
+
+    rows, positions = batch["row"], batch["position"]
+    shard_of = np.searchsorted(offsets, rows, side="right") - 1
+    needed = sorted(set(shard_of.tolist()))
+    tables = dict(zip(needed, ray.get([shard_refs[i] for i in needed]), strict=True))
+    for start in range(0, len(rows), MAP_BATCH_ROWS):
+        stop = min(start + MAP_BATCH_ROWS, len(rows))
+        images, labels = _outputs(stop - start, crop_size)
+        ids = []
+        for out, j in enumerate(range(start, stop)):
+            table, local = tables[shard_of[j]], int(rows[j] - offsets[shard_of[j]])
+            ids.append(table.column("id")[local].as_py())
+            augmented = train_augment(
+                decode_image(table.column("image")[local].as_py()), decode_label(table.column("label")[local].as_py()),
+                crop_size=crop_size, scale_range=scale_range,
+                rng=sample_rng(seed=seed, epoch=epoch, position=int(positions[j])),
+            )
+            to_chw(*augmented, out=(images[out], labels[out]))
+        yield {"id": np.asarray(ids, dtype=object), "image": images, "label": labels}
+
+
+def train_dataset(rows: TrainRows | str, *, crop_size: int, scale_range: tuple[float, float] = (0.5, 2.0),
+                  seed: int = 0, epoch: int = 1, positions: np.ndarray | None = None):
+    """One epoch's training rows in order: the epoch order's `positions` (default: all of them), each
+    randomly scaled, padded, cropped to crop_size x crop_size and flipped as (seed, epoch, position) says.
+
+    `rows` is a `load_train_rows` result (or a shard URI, loaded here). Decoding runs in parallel Ray Data
+    tasks; the output keeps the positions' order, so the batches do not depend on task timing.
+    """
+    import ray.data
 
     check_scale_range(scale_range)
-    manifest = checked_manifest(uri)
-    ds = _read(uri, manifest, FileShuffleConfig(seed=seed, reseed_after_execution=True))
+    if isinstance(rows, str):
+        rows = load_train_rows(rows)
+    order = epoch_order(rows.total_rows, seed=seed, epoch=epoch)
+    positions = np.arange(rows.total_rows) if positions is None else np.asarray(positions, dtype=np.int64)
+    if len(positions) == 0:
+        raise DataError(f"{rows.uri}: no training positions for this worker (batch larger than the split?)")
+    items = [{"position": int(p), "row": int(order[p])} for p in positions]
+    ds = ray.data.from_items(items, override_num_blocks=-(-len(items) // DECODE_BLOCK_ROWS))
+    ds.context.execution_options.preserve_order = True
     return ds.map_batches(
-        _train_rows, fn_kwargs={"crop_size": crop_size, "scale_range": tuple(scale_range), "seed": seed},
-        batch_size=None, batch_format="pyarrow",
+        _train_rows, batch_size=None, batch_format="numpy",
+        fn_kwargs={"shard_refs": rows.shard_refs, "offsets": rows.offsets, "seed": seed, "epoch": epoch,
+                   "crop_size": crop_size, "scale_range": tuple(scale_range)},
     )
 
 
@@ -179,8 +218,10 @@ train_collate = TrainCollate()
 val_collate = ValCollate()
 
 
-def ingest_config(split: tuple[str, ...] = ("train",), ordered: tuple[str, ...] = ("val",)):
-    """Ray Train DataConfig: split the `split` datasets across workers; the `ordered` ones keep their order."""
+def ingest_config(split: tuple[str, ...] = (), ordered: tuple[str, ...] = ("select",)):
+    """Ray Train DataConfig: split the `split` datasets across workers; the `ordered` ones keep their order.
+
+    Training data is not among them: each worker builds its own epochs (`train_dataset`)."""
     import ray.train
     from ray.data import ExecutionOptions
 

@@ -26,6 +26,28 @@ from data.layouts import Sample, list_samples, read_sample, split_names
 
 PARTIAL = "manifest.partial.json"
 SHARD_NAME = "part-{:05d}.parquet"
+# Which rows of a split a set of shards holds: all of them, the held-out selection images, or the rest.
+PARTS = ("all", "select", "rest")
+
+
+def selection_ids(ids: list[str], count: int) -> set[str]:
+    """The `count` ids with the smallest sha256 of the id: a fixed choice, spread over the split, that any
+    process (and any later run on the same split) makes alike, whatever the listing order."""
+    if not 1 <= count < len(ids):
+        raise DataError(f"select_images = {count}: must be >= 1 and leave training images "
+                        f"(the split has {len(ids)})")
+    return set(sorted(ids, key=lambda i: hashlib.sha256(i.encode()).hexdigest())[:count])
+
+
+def _part(samples: list[Sample], part: str, select_images: int) -> list[Sample]:
+    if part not in PARTS:
+        raise DataError(f"part = {part!r}: must be one of {', '.join(PARTS)}")
+    if part == "all":
+        if select_images:
+            raise DataError(f"select_images = {select_images} needs part 'select' or 'rest'")
+        return samples
+    chosen = selection_ids([sample.id for sample in samples], select_images)
+    return [sample for sample in samples if (sample.id in chosen) == (part == "select")]
 
 
 def _fingerprint(samples: list[Sample], options: dict) -> str:
@@ -80,6 +102,8 @@ def _manifest(options: dict, records: list[dict], names: tuple[str, ...]) -> dic
         "num_classes": len(names),
         "ignore_index": IGNORE_INDEX,
         "reduce_zero_label": options["reduce_zero_label"],
+        "part": options["part"],
+        "select_images": options["select_images"],
         "shard_rows": options["shard_rows"],
         "total_rows": sum(record["rows"] for record in records),
         "image_encoding": "source file bytes, unchanged",
@@ -99,11 +123,15 @@ def prepare_split(
     workers: int = 2,
     reduce_zero_label: bool = False,
     progress: bool = True,
+    part: str = "all",
+    select_images: int = 0,
 ) -> dict:
     """Write `out_uri/part-NNNNN.parquet` and `out_uri/manifest.json` for one split; returns the manifest.
 
     Rows: id, image (the source JPEG's bytes), label (PNG of the source class indices; with
-    reduce_zero_label, ADE20K's 0 -> 255 and c -> c-1), height, width.
+    reduce_zero_label, ADE20K's 0 -> 255 and c -> c-1), height, width. With part 'select' only the
+    `select_images` held-out images (`selection_ids`) are written, with 'rest' every other image: the
+    checkpoint-selection split and the training split, disjoint by image id.
     """
     if shard_rows < 1:
         raise DataError(f"shard_rows = {shard_rows}: must be >= 1")
@@ -111,10 +139,11 @@ def prepare_split(
         raise DataError(f"workers = {workers}: must be >= 1")
     if reduce_zero_label and dataset != "ade20k":
         raise DataError(f"reduce_zero_label applies to ade20k only, not {dataset!r}")
-    samples = list_samples(dataset, root, split)
+    samples = _part(list_samples(dataset, root, split), part, select_images)
     names = class_names(dataset, reduce_zero_label)
     options = {"dataset": dataset, "split": split, "reduce_zero_label": reduce_zero_label,
-               "shard_rows": shard_rows, "schema_version": shards.SCHEMA_VERSION}
+               "shard_rows": shard_rows, "schema_version": shards.SCHEMA_VERSION, "part": part,
+               "select_images": select_images}
     chunks = [samples[i:i + shard_rows] for i in range(0, len(samples), shard_rows)]
     previous = _previous_records(out_uri, options)
     records: list[dict | None] = [None] * len(chunks)
@@ -189,6 +218,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=2, help="parallel processes (default 2)")
     parser.add_argument("--reduce-zero-label", action="store_true",
                         help="ade20k: class 0 -> ignore (255), c -> c-1 (150 classes)")
+    parser.add_argument("--part", choices=PARTS, default="all",
+                        help="all rows, the held-out selection images, or the rest (the training split)")
+    parser.add_argument("--select-images", type=int, default=0,
+                        help="with --part select/rest: how many images are held out for checkpoint selection")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--verify", metavar="URI", help="re-check the checksums and row counts of shards at URI")
     return parser
@@ -211,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--split {args.split}: {args.dataset} accepts {', '.join(split_names(args.dataset))}")
         manifest = prepare_split(args.dataset, args.root, args.split, args.out, shard_rows=args.shard_rows,
                                  workers=args.workers, reduce_zero_label=args.reduce_zero_label,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress, part=args.part, select_images=args.select_images)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -54,7 +54,9 @@ class DataConfig(_Section):
     crop_size: int = Field(473, ge=16)
     val_size: int = Field(473, ge=16)
     scale_range: tuple[float, float] = (0.5, 2.0)
-    val_images: Optional[int] = Field(None, ge=1, description="cap on val images used (None: all)")
+    select_images: int = Field(
+        64, ge=1, description="training images held out (their own shard split) to choose checkpoints on, never val"
+    )
     shard_rows: int = Field(256, ge=1)
 
     @field_validator("scale_range")
@@ -122,10 +124,9 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False
     grad_clip: Optional[float] = Field(None, gt=0)
-    val_every: int = Field(1, ge=1, description="epochs between validations")
-    val_images: int = Field(64, ge=1, description="fixed val subset for clean and robust proxy metrics")
+    val_every: int = Field(1, ge=1, description="epochs between validations on the selection images")
     proxy_iterations: int = Field(10, ge=1, description="APGD-CE iterations of the robust proxy")
-    keep_checkpoints: int = Field(2, ge=1, description="best K checkpoints kept, by the robust proxy")
+    keep_checkpoints: int = Field(2, ge=1, description="best K checkpoints kept, ranked on the selection images")
     seed: int = 0
     attack: TrainAttackConfig = TrainAttackConfig()
 

@@ -1,4 +1,7 @@
-"""The job's data stage: generate the synthetic dataset when configured, then shard train and val once."""
+"""The job's data stage: generate the synthetic dataset when configured, then shard train, select and val once.
+
+`select` holds `data.select_images` images of the training split, held out of `train` (disjoint by image id):
+checkpoints are chosen on them, never on the val images that SEA scores."""
 
 from __future__ import annotations
 
@@ -21,15 +24,15 @@ def _generated_root(config: Config) -> Path:
     return parent / f"generated-{config.data.val_dataset}-{key}"
 
 
-def _manifest_matches(uri: str, dataset: str, split: str) -> bool:
+def _manifest_matches(uri: str, wanted: dict) -> bool:
     if not shards.exists(f"{uri.rstrip('/')}/manifest.json"):
         return False
     manifest = shards.read_manifest(uri)
-    return manifest.get("dataset") == dataset and manifest.get("split") == split
+    return all(manifest.get(key) == value for key, value in wanted.items())
 
 
-def prepare_data(config: Config) -> tuple[str, str]:
-    """Make sure `data.shards`/train and /val exist (prepare is resumable); returns their URIs."""
+def prepare_data(config: Config) -> tuple[str, str, str]:
+    """Make sure `data.shards`/train, /select and /val exist (prepare is resumable); returns their URIs."""
     from data.synthetic import generate_ade20k, generate_voc
 
     data = config.data
@@ -40,13 +43,21 @@ def prepare_data(config: Config) -> tuple[str, str]:
     else:
         root = Path(data.root)
     base = data.shards.rstrip("/")
+    held_out = {"select_images": data.select_images}
+    splits = (
+        ("train", {"dataset": data.dataset, "split": data.train_split, "part": "rest", **held_out}),
+        ("select", {"dataset": data.dataset, "split": data.train_split, "part": "select", **held_out}),
+        ("val", {"dataset": data.val_dataset, "split": data.val_split, "part": "all", "select_images": 0}),
+    )
     uris = []
-    for dataset, split, name in ((data.dataset, data.train_split, "train"), (data.val_dataset, data.val_split, "val")):
+    for name, wanted in splits:
         uri = f"{base}/{name}"
-        if _manifest_matches(uri, dataset, split):
-            print(f"shards {uri}: present ({dataset}/{split})", file=sys.stderr, flush=True)
+        if _manifest_matches(uri, wanted):
+            print(f"shards {uri}: present ({wanted['dataset']}/{wanted['split']}, {wanted['part']})",
+                  file=sys.stderr, flush=True)
         else:
-            prepare_split(dataset, root, split, uri, shard_rows=data.shard_rows, workers=2,
-                          reduce_zero_label=data.reduce_zero_label)
+            prepare_split(wanted["dataset"], root, wanted["split"], uri, shard_rows=data.shard_rows, workers=2,
+                          reduce_zero_label=data.reduce_zero_label, part=wanted["part"],
+                          select_images=wanted["select_images"])
         uris.append(uri)
-    return uris[0], uris[1]
+    return uris[0], uris[1], uris[2]

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from orchestrator.plan import Plan, format_plan
 
 # Per-epoch metrics that go to MLflow (Tune adds its own bookkeeping keys, which are left out).
-EPOCH_METRICS = ("loss", "lr", "images_per_s", "epoch_s", "time_", "frac_", "val_")
+EPOCH_METRICS = ("loss", "lr", "images_per_s", "epoch_s", "time_", "frac_", "select_")
 
 
 def say(message: str) -> None:

@@ -13,10 +13,11 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2.api.callback import UserCallback
 
 from data import shards
-from data.pipeline import ingest_config, train_dataset, val_dataset
+from data.pipeline import ingest_config, load_train_rows, val_dataset
 from orchestrator.cluster import quiet_data
 from orchestrator.config import Config, to_dict
-from trainables.pir_at import RANK_METRIC, train_loop_per_worker
+from orchestrator.worker import train_loop_per_worker
+from trainables.pir_at import RANK_METRIC
 
 EPOCH_LOG = "epochs.jsonl"
 
@@ -59,10 +60,15 @@ class TrainOutcome:
     path: str
 
 
-def shard_uris(config: Config) -> tuple[str, str]:
-    """Train and val shard URIs under `data.shards`."""
+def shard_uris(config: Config) -> tuple[str, str, str]:
+    """Train, selection and val shard URIs under `data.shards` (selection: held out of the training split)."""
     base = config.data.shards.rstrip("/")
-    return f"{base}/train", f"{base}/val"
+    return f"{base}/train", f"{base}/select", f"{base}/val"
+
+
+def process_group_backend(config: Config) -> str:
+    """NCCL when the workers have GPUs (every tensor handed to a collective lives on the GPU), gloo on CPUs."""
+    return "nccl" if config.cluster.gpus_per_worker else "gloo"
 
 
 def steps_per_epoch(train_rows: int, global_batch: int) -> int:
@@ -94,25 +100,23 @@ def build_trainer(
     resume_from: str | None = None,
     extra_loop_config: dict[str, Any] | None = None,
 ) -> TorchTrainer:
-    """A TorchTrainer for one trial: datasets from the shards, DDP workers, best-K checkpoints, restarts."""
+    """A TorchTrainer for one trial: training rows in the object store, DDP workers, best-K checkpoints ranked on
+    the selection images, restarts."""
     quiet_data()
-    train_uri, val_uri = shard_uris(config)
-    manifest = shards.read_manifest(train_uri)
+    train_uri, select_uri, _ = shard_uris(config)
     data = config.data
+    rows = load_train_rows(train_uri)
     loop_config = {
         "config": to_dict(config),
         "num_classes": data.num_classes,
-        "steps_per_epoch": steps_per_epoch(int(manifest["total_rows"]), config.train.batch_size),
+        "train_rows": rows,
+        "steps_per_epoch": steps_per_epoch(rows.total_rows, config.train.batch_size),
         "per_worker_batch": config.per_worker_batch,
         "threads": max(1, int(config.cluster.cpus_per_worker)),
         "resume_from": resume_from,
         **(extra_loop_config or {}),
     }
-    datasets = {
-        "train": train_dataset(train_uri, crop_size=data.crop_size, scale_range=tuple(data.scale_range),
-                               seed=config.train.seed),
-        "val": val_dataset(val_uri, size=data.val_size, limit=config.train.val_images),
-    }
+    datasets = {"select": val_dataset(select_uri, size=data.val_size)}
     run_config = RunConfig(
         name=name,
         storage_path=storage_path,
@@ -127,11 +131,11 @@ def build_trainer(
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if config.cluster.gpus_per_worker else "gloo"),
+        torch_config=TorchConfig(backend=process_group_backend(config)),
         scaling_config=scaling_config(config),
         run_config=run_config,
         datasets=datasets,
-        dataset_config=ingest_config(split=("train",), ordered=("val",)),
+        dataset_config=ingest_config(),
     )
 
 

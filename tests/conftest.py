@@ -85,16 +85,19 @@ def s3_bucket(s3_server, monkeypatch):
 
 @pytest.fixture(scope="session")
 def demo_shards(tmp_path_factory) -> str:
-    """The demo's generated VOC-layout data, sharded once per session; yields the shards' base URI
-    (with train/ and val/ below it), as `data.shards` expects."""
+    """The demo's generated VOC-layout data, sharded once per session as the job does; yields the shards' base
+    URI (train/, select/ and val/ below it), as `data.shards` expects. 16 of the 64 generated training images
+    are held out as the selection split, so train/ keeps 48."""
     from data.prepare import prepare_split
     from data.synthetic import generate_voc
 
     base = tmp_path_factory.mktemp("demo_data")
-    root = generate_voc(base / "generated", seed=0, train_images=48, val_images=16, num_classes=4,
+    root = generate_voc(base / "generated", seed=0, train_images=64, val_images=16, num_classes=4,
                         height=120, width=160)
     shards = base / "shards"
-    prepare_split("voc_aug", root, "train", str(shards / "train"), shard_rows=16, workers=1, progress=False)
+    for name, part in (("train", "rest"), ("select", "select")):
+        prepare_split("voc_aug", root, "train", str(shards / name), shard_rows=16, workers=1, progress=False,
+                      part=part, select_images=16)
     prepare_split("voc", root, "val", str(shards / "val"), shard_rows=16, workers=1, progress=False)
     return str(shards)
 

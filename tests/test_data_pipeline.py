@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from data.errors import ShardIntegrityError
-from data.pipeline import ingest_config, train_collate, train_dataset, val_collate, val_dataset
+from data.pipeline import ingest_config, load_train_rows, train_collate, train_dataset, val_collate, val_dataset
 from data.prepare import prepare_split
 from data.shards import iter_samples
 from data.synthetic import generate_voc
@@ -68,16 +68,23 @@ def test_train_batches_shapes_and_dtypes(ray_session, shards):
         assert set(batch["label"].unique().tolist()) <= {0, 1, 2, 3, 255}
 
 
-def test_train_augmentation_seeded_and_new_each_pass(ray_session, shards):
-    first = train_dataset(shards["train"], crop_size=64, seed=3)
-    pass0 = _digests(first.iter_batches(batch_size=4, batch_format="numpy"))
-    pass1 = _digests(first.iter_batches(batch_size=4, batch_format="numpy"))
-    again = _digests(train_dataset(shards["train"], crop_size=64, seed=3).iter_batches(batch_size=4))
-    other = _digests(train_dataset(shards["train"], crop_size=64, seed=4).iter_batches(batch_size=4))
-    assert len(pass0) == 12
-    assert pass0 == again
-    assert pass0 != pass1
-    assert pass0 != other
+def _ordered_digests(ds) -> list[tuple[str, str]]:
+    return [(i, hashlib.sha256(np.asarray(x).tobytes() + np.asarray(y).tobytes()).hexdigest())
+            for batch in ds.iter_batches(batch_size=4, batch_format="numpy")
+            for i, x, y in zip(batch["id"], batch["image"], batch["label"], strict=True)]
+
+
+def test_train_epoch_is_a_function_of_seed_and_epoch(ray_session, shards):
+    rows = load_train_rows(shards["train"])
+    first = train_dataset(rows, crop_size=64, seed=3, epoch=1)
+    epoch1 = _ordered_digests(first)
+    assert len(epoch1) == 12
+    assert _ordered_digests(first) == epoch1  # a second pass over the same epoch: same order, same crops
+    assert _ordered_digests(train_dataset(shards["train"], crop_size=64, seed=3, epoch=1)) == epoch1
+    epoch2 = _ordered_digests(train_dataset(rows, crop_size=64, seed=3, epoch=2))
+    assert sorted(i for i, _ in epoch2) == sorted(i for i, _ in epoch1)
+    assert [i for i, _ in epoch2] != [i for i, _ in epoch1] and set(epoch2) != set(epoch1)
+    assert set(_ordered_digests(train_dataset(rows, crop_size=64, seed=4, epoch=1))) != set(epoch1)
 
 
 def test_val_deterministic_order_and_content(ray_session, shards):
@@ -135,43 +142,58 @@ def test_damaged_shard_is_named_when_building(ray_session, shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_train_workers_get_batches(ray_session, shards, tmp_path):
+@pytest.mark.realpath
+def test_two_ray_train_workers_see_disjoint_images_whose_union_is_the_epoch(ray_session, shards, tmp_path):
+    """Two workers, two epochs: each worker's batches are its slice of the epoch order (disjoint, together the
+    epoch's images), with the crops of a one-worker run, whatever the task timing."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    out = tmp_path / "seen.json"
+    from data.epoch_order import epoch_order, worker_positions
+
+    rows = load_train_rows(shards["train"])
+    out = tmp_path / "seen"
+    out.mkdir()
 
     def loop(config):
-        import hashlib
         import json
 
         import ray.train
 
-        shapes, ids, crops = [], [], []
-        for _ in range(2):
-            digests = []
-            shard = ray.train.get_dataset_shard("train")
-            for batch in shard.iter_torch_batches(batch_size=4, collate_fn=train_collate):
-                shapes.append([list(batch["image"].shape), str(batch["image"].dtype), str(batch["label"].dtype)])
-                digests.extend(hashlib.sha256(x.numpy().tobytes()).hexdigest() for x in batch["image"])
-            crops.append(sorted(digests))
-            for batch in ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=4, collate_fn=val_collate):
-                ids.extend(batch["id"])
-        with open(config["out"], "w") as handle:
-            json.dump({"shapes": shapes, "ids": ids, "crops": crops}, handle)
+        context = ray.train.get_context()
+        rank, world = context.get_world_rank(), context.get_world_size()
+        positions = worker_positions(steps=3, global_batch=4, world_size=world, rank=rank)
+        seen = {}
+        for epoch in (1, 2):
+            ds = train_dataset(config["rows"], crop_size=64, seed=5, epoch=epoch, positions=positions)
+            seen[epoch] = [[i, d] for i, d in _ordered_digests(ds)]
+            batches = list(ds.iter_torch_batches(batch_size=2, collate_fn=train_collate))
+            assert [tuple(b["image"].shape) for b in batches] == [(2, 3, 64, 64)] * 3
+        ids = [i for b in ray.train.get_dataset_shard("select").iter_torch_batches(batch_size=4, collate_fn=val_collate)
+               for i in b["id"]]
+        with open(f"{config['out']}/rank{rank}.json", "w") as handle:
+            json.dump({"seen": seen, "select": ids}, handle)
 
     trainer = TorchTrainer(
-        loop,
-        train_loop_config={"out": str(out)},
-        scaling_config=ScalingConfig(num_workers=1),
-        datasets={"train": train_dataset(shards["train"], crop_size=96), "val": val_dataset(shards["val"], size=128)},
-        dataset_config=ingest_config(),
+        loop, train_loop_config={"out": str(out), "rows": rows},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),  # a CPU left for decoding
+        datasets={"select": val_dataset(shards["val"], size=128)}, dataset_config=ingest_config(),
         run_config=RunConfig(storage_path=str(tmp_path), name="pipeline"),
     )
     trainer.fit()
-    seen = json.loads(out.read_text())
-    assert seen["shapes"] == [[[4, 3, 96, 96], "torch.float32", "torch.int64"]] * 6
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    ids_by_row = [sample_id for sample_id, _, _ in iter_samples(shards["train"])]
+    for epoch in ("1", "2"):
+        per_rank = [[tuple(x) for x in r["seen"][epoch]] for r in ranks]
+        ids = [[i for i, _ in seen] for seen in per_rank]
+        assert len(ids[0]) == len(ids[1]) == 6 and not set(ids[0]) & set(ids[1])
+        order = epoch_order(12, seed=5, epoch=int(epoch))
+        assert sorted(ids[0] + ids[1]) == sorted(ids_by_row[r] for r in order[:12])
+        # Step s of the epoch is positions [4s, 4s + 4): rank 0 takes the first two, rank 1 the other two; the
+        # crops are those of a single worker that takes all four.
+        single = _ordered_digests(train_dataset(rows, crop_size=64, seed=5, epoch=int(epoch)))
+        merged = [x for s in range(3) for x in per_rank[0][2 * s:2 * s + 2] + per_rank[1][2 * s:2 * s + 2]]
+        assert merged == single
+    assert ranks[0]["seen"]["1"] != ranks[0]["seen"]["2"]
     expected = [sample_id for sample_id, _, _ in iter_samples(shards["val"])]
-    assert seen["ids"] == expected * 2
-    # A new augmentation every epoch, also through streaming_split.
-    assert len(seen["crops"][0]) == 12 and seen["crops"][0] != seen["crops"][1]
+    assert ranks[0]["select"] == ranks[1]["select"] == expected

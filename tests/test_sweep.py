@@ -16,10 +16,11 @@ from .conftest import PYTHON, REPO, S3_ENV
 
 SCRIPT = REPO / "experiments" / "pir_at_sweep.py"
 
-# A sweep of two 1-2 epoch trials on 16 generated images: seconds per trial, every stage exercised.
+# A sweep of two 1-2 epoch trials on 16 generated training images (plus 4 held out for selection): seconds per
+# trial, every stage exercised.
 TINY = [
-    "data.synthetic.train_images=16", "data.synthetic.val_images=8", "data.crop_size=64", "data.val_size=128",
-    "train.batch_size=8", "train.epochs=1", "train.warmup_epochs=0", "train.val_images=8",
+    "data.synthetic.train_images=20", "data.select_images=4", "data.synthetic.val_images=8", "data.crop_size=64",
+    "data.val_size=128", "train.batch_size=8", "train.epochs=1", "train.warmup_epochs=0",
     "train.proxy_iterations=2", "sweep.params={train.attack.steps: [0, 1]}",
     "sea.eps=[8]", "sea.iterations=3", "sea.images=8", "sea.batch_size=4", "sea.max_actors=1",
 ]

@@ -48,7 +48,7 @@ def local_ray(repo_env):
 
 
 def evaluate_checkpoint(config, checkpoint_path: str) -> float:
-    """Clean mIoU of a saved state on the validation subset, computed outside Ray Train."""
+    """Clean mIoU of a saved state on the selection images, computed outside Ray Train."""
     import numpy as np
 
     from data.shards import iter_samples
@@ -61,7 +61,7 @@ def evaluate_checkpoint(config, checkpoint_path: str) -> float:
     load_model_state(model, read_state(os.path.join(checkpoint_path, "state.pt")), "test")
     model.eval()
     conf = torch.zeros(k, k, dtype=torch.long)
-    samples = list(iter_samples(config.data.shards.rstrip("/") + "/val"))[: config.train.val_images]
+    samples = list(iter_samples(config.data.shards.rstrip("/") + "/select"))
     batch = config.per_worker_batch
     with torch.no_grad():
         for start in range(0, len(samples), batch):
@@ -88,7 +88,7 @@ def test_two_workers_on_two_nodes_stay_identical(demo_shards, tmp_path, two_node
     assert len(prints) == 2 and prints[0] == prints[1], prints
     last = outcome.final_checkpoint
     miou = evaluate_checkpoint(config, last.path)
-    assert miou == pytest.approx(final["val_clean_miou"], abs=1e-3), (miou, final["val_clean_miou"])
+    assert miou == pytest.approx(final["select_clean_miou"], abs=1e-3), (miou, final["select_clean_miou"])
 
 
 @pytest.mark.slow
@@ -189,10 +189,10 @@ def test_training_learns_and_adversarial_training_is_more_robust(demo_shards, tm
               "train.warmup_epochs": 0.5}
     clean = _train_in_process(demo_config(demo_shards, tmp_path, **common, **{"train.attack.steps": 0}), 8)
     adv = _train_in_process(demo_config(demo_shards, tmp_path, **common, **{"train.attack.steps": 2}), 8)
-    print(f"\nk=0: clean mIoU {clean['val_clean_miou']:.3f}, robust proxy mIoU at 8/255 "
-          f"{clean['val_robust_miou']:.3f} (APGD-CE, 10 iterations)")
-    print(f"k=2: clean mIoU {adv['val_clean_miou']:.3f}, robust proxy mIoU at 8/255 {adv['val_robust_miou']:.3f}")
+    print(f"\nk=0: clean mIoU {clean['select_clean_miou']:.3f}, robust proxy mIoU at 8/255 "
+          f"{clean['select_robust_miou']:.3f} (APGD-CE, 10 iterations)")
+    print(f"k=2: clean mIoU {adv['select_clean_miou']:.3f}, robust proxy mIoU at 8/255 {adv['select_robust_miou']:.3f}")
     # Chance: a constant prediction scores at most 1/K of the classes present (K = 4 here): mIoU <= 0.25.
-    assert clean["val_clean_miou"] > 0.75
-    assert adv["val_clean_miou"] > 0.75
-    assert adv["val_robust_miou"] > clean["val_robust_miou"] + 0.05
+    assert clean["select_clean_miou"] > 0.75
+    assert adv["select_clean_miou"] > 0.75
+    assert adv["select_robust_miou"] > clean["select_robust_miou"] + 0.05

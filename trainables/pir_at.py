@@ -1,19 +1,16 @@
 """The PIR-AT per-worker loop: PGD adversarial examples (model in eval mode), then the update (train mode).
 
-`PirAt` is plain PyTorch (usable in any process, e.g. the benchmark's plain loop); `train_loop_per_worker`
-is the Ray Train glue: dataset shards, DDP, checkpoints with exact resume, per-epoch reports.
+`PirAt` is plain PyTorch (usable in any process, e.g. the benchmark's plain loop); the Ray Train worker that
+drives it (data, DDP, checkpoints, reports) is `orchestrator.worker.train_loop_per_worker`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import os
 import random
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -32,7 +29,7 @@ from trainables.schedule import warmup_poly
 from trainables.units import to_unit
 
 CHECKPOINT_FILE = "state.pt"
-PROXY_METRIC = "val_robust_miou"
+PROXY_METRIC = "select_robust_miou"
 # Checkpoints are ranked by this key: the robust proxy after a validation, else -1 (never preferred). It is
 # always finite: Ray Train's JSON snapshot of its checkpoint list turns NaN or inf into null, which a
 # restored run cannot rank.
@@ -186,7 +183,7 @@ class PirAt:
             x, y = self._to_device(batch)
             loss = self.step(x, y, stats.times)
             value = float(loss)
-            bad = torch.tensor([0.0 if math.isfinite(value) else 1.0])
+            bad = torch.tensor([0.0 if math.isfinite(value) else 1.0], device=self.device)
             if self.world_size > 1:
                 dist.all_reduce(bad)
             if bad.item() > 0:
@@ -208,9 +205,11 @@ class PirAt:
 
     def validate(self, batches: Iterable[dict[str, torch.Tensor]], *, proxy_iterations: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0) -> dict[str, float]:
-        """Clean mIoU/aAcc and the robust proxy (APGD-CE, few iterations, training ε) on a fixed subset.
+        """Clean mIoU/aAcc and the robust proxy (APGD-CE, few iterations, training ε) on the selection images.
 
-        Rank r takes every world_size-th batch; confusion matrices are summed over ranks."""
+        The selection images are held out of the training split (never the val images that SEA scores), so
+        choosing a checkpoint by these numbers does not bias the reported robustness. Rank r takes every
+        world_size-th batch; confusion matrices are summed over ranks."""
         self.module.eval()
         if world_size > 1:  # every rank evaluates the checkpointed model: rank 0's BatchNorm statistics
             for buffer in self.module.buffers():
@@ -231,10 +230,10 @@ class PirAt:
         if world_size > 1:
             dist.all_reduce(clean)
             dist.all_reduce(robust)
-        out = {f"val_clean_{name}": value for name, value in metrics.scores(clean).items()}
+        out = {f"select_clean_{name}": value for name, value in metrics.scores(clean).items()}
         # No budget: robustness at ε = 0 is the clean result.
         robust_scores = metrics.scores(robust if proxy_eps > 0 else clean)
-        out.update({f"val_robust_{name}": value for name, value in robust_scores.items()})
+        out.update({f"select_robust_{name}": value for name, value in robust_scores.items()})
         return out
 
     # -- state ----------------------------------------------------------------------------------------
@@ -320,136 +319,24 @@ def fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def _gather(value: str, world_size: int) -> str:
-    """Comma-joined values of every rank (rank order); the value itself on one worker."""
-    if world_size == 1:
-        return value
-    values: list[Any] = [None] * world_size
-    dist.all_gather_object(values, value)
-    return ",".join(values)
-
-
 def read_state(path: str) -> dict[str, Any]:
     """Read a training state file; weights_only so a checkpoint can never run code."""
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-# -- Ray Train glue ---------------------------------------------------------------------------------------
-
-
-def _started(make_batches: Callable[[], Iterable]) -> Iterator:
-    """Batches whose iterator starts now, in a thread: the data pipeline's per-pass start-up (~0.1 s of
-    scheduling on a small node) overlaps validation and checkpointing instead of the next epoch."""
-    box: dict[str, Any] = {}
-
-    def start() -> None:
-        try:
-            box["iterator"] = iter(make_batches())
-            box["first"] = next(box["iterator"], None)
-        except BaseException as exc:  # handed to the consumer below
-            box["error"] = exc
-
-    thread = threading.Thread(target=start, name="next-epoch-data", daemon=True)
-    thread.start()
-
-    def batches() -> Iterator:
-        thread.join()
-        if "error" in box:
-            raise box["error"]
-        if box["first"] is not None:
-            yield box["first"]
-            yield from box["iterator"]
-
-    return batches()
-
-
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (dropout, drop-path, PGD random starts)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
-    """Ray Train entry point: resume if a checkpoint exists, train, validate, checkpoint every epoch."""
-    import ray.train
-    import ray.train.torch
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The global generators' seed for one worker's epoch: a resumed run draws what an uninterrupted one does."""
+    return seed * 100003 + epoch * 101 + rank
 
-    from data.pipeline import train_collate, val_collate
 
-    cfg = loop_config["config"]
-    train = cfg["train"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    threads = loop_config.get("threads")
-    if threads:
-        torch.set_num_threads(int(threads))
-    _seed_everything(train["seed"])  # same initial weights on every rank
-    device = ray.train.torch.get_device()
-    trainer = PirAt(cfg, loop_config["num_classes"], loop_config["steps_per_epoch"], device=device)
-    trainer.model = ray.train.torch.prepare_model(trainer.module, move_to_device=False)
-    trainer.world_size = world
-
-    node = _gather(ray.get_runtime_context().get_node_id(), world)
-    start_epoch = 1
-    checkpoint = ray.train.get_checkpoint()
-    source = "the run's latest checkpoint"
-    if checkpoint is None and loop_config.get("resume_from"):
-        checkpoint = ray.train.Checkpoint(loop_config["resume_from"])
-        source = f"resume_from {loop_config['resume_from']}"
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = read_state(os.path.join(folder, CHECKPOINT_FILE))
-        start_epoch = trainer.load_state_dict(state, source) + 1
-        print(f"[rank {rank}] resumed from {source} after epoch {start_epoch - 1}", flush=True)
-
-    resumed_from = start_epoch - 1
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    batch = loop_config["per_worker_batch"]
-    epochs = train["epochs"]
-
-    def epoch_batches() -> Iterable:
-        return train_shard.iter_torch_batches(batch_size=batch, drop_last=True, prefetch_batches=2,
-                                              collate_fn=train_collate)
-
-    batches = _started(epoch_batches) if start_epoch <= epochs else None  # none when resumed after the last epoch
-    for epoch in range(start_epoch, epochs + 1):
-        # Seeded per (epoch, rank): a resumed run draws the same random starts as an uninterrupted one.
-        _seed_everything(train["seed"] * 100003 + epoch * 101 + rank)
-        started = time.perf_counter()
-        try:
-            stats = trainer.train_epoch(batches, epoch)
-        except TrainingDiverged as exc:
-            return {"diverged": str(exc)}
-        seconds = time.perf_counter() - started
-        if epoch < epochs:
-            batches = _started(epoch_batches)
-        validation = {RANK_METRIC: -1.0}
-        if epoch % train["val_every"] == 0 or epoch == epochs:
-            validation = trainer.validate(
-                val_shard.iter_torch_batches(batch_size=batch, collate_fn=val_collate),
-                proxy_iterations=train["proxy_iterations"],
-                rank=rank, world_size=world, seed=train["seed"],
-            )
-            validation[RANK_METRIC] = validation[PROXY_METRIC]
-        images = stats.images * world
-        report = {
-            "epoch": epoch,
-            "loss": stats.loss_sum / max(stats.steps, 1),
-            "lr": trainer.scheduler.get_last_lr()[0],
-            "images_per_s": images / seconds if seconds else 0.0,
-            "epoch_s": seconds,
-            "steps": stats.steps,
-            "resumed_from_epoch": resumed_from,
-            "worker_nodes": node,
-            "param_fingerprints": _gather(fingerprint(trainer.module), world),
-            **stats.times.as_metrics(),
-            **validation,
-        }
-        with tempfile.TemporaryDirectory() as folder:
-            ckpt = None
-            if rank == 0:
-                state = trainer.state_dict(epoch)
-                torch.save(state, os.path.join(folder, CHECKPOINT_FILE))
-                ckpt = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
+def use_sync_batchnorm(device: torch.device | str, world_size: int) -> bool:
+    """BatchNorm statistics over the global batch on several GPUs (a per-GPU batch of 2 is too small for its
+    own statistics); CPU/gloo runs keep per-worker BatchNorm."""
+    return torch.device(device).type == "cuda" and world_size > 1

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from data.pipeline import train_dataset
+    from data.pipeline import load_train_rows, train_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR")
         try:
             ray.data.DataContext.get_current().enable_progress_bars = False
-            dataset = train_dataset(uri, crop_size=args.crop_size, seed=0)
+            rows = load_train_rows(uri)  # read and checked once, as a trial does
 
             load_before = os.getloadavg()[0]
             times: dict[str, list[float]] = {"plain": [], "two": [], "ray": [], "ray_steady": []}
@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                     assert two_process_loop(pool, uri, epoch=epoch, **options) == args.images
                     two_time = time.perf_counter() - start
                     start = time.perf_counter()
+                    dataset = train_dataset(rows, crop_size=args.crop_size, seed=0, epoch=epoch + 1)
                     count, first, first_count = ray_loop(dataset, batch_size=args.batch_size)
                     ray_time = time.perf_counter() - start
                     assert count == args.images, count

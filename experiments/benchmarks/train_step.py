@@ -94,8 +94,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         config = resolve_paths(load_config(args.config, args.overrides), Path.cwd())
-        config = with_values(config, {"train.epochs": args.epochs, "train.val_every": args.epochs,
-                                      "train.val_images": config.per_worker_batch})
+        config = with_values(config, {"train.epochs": args.epochs, "train.val_every": args.epochs})
         prepare_data(config)
         from data.shards import read_manifest
         from orchestrator.train import steps_per_epoch
