@@ -39,12 +39,15 @@ def selection_ids(ids: list[str], count: int) -> set[str]:
     return set(sorted(ids, key=lambda i: hashlib.sha256(i.encode()).hexdigest())[:count])
 
 
-def _part(samples: list[Sample], part: str, select_images: int) -> list[Sample]:
+def _check_part(part: str, select_images: int) -> None:
     if part not in PARTS:
         raise DataError(f"part = {part!r}: must be one of {', '.join(PARTS)}")
+    if part == "all" and select_images:
+        raise DataError(f"select_images = {select_images} needs part 'select' or 'rest'")
+
+
+def _part(samples: list[Sample], part: str, select_images: int) -> list[Sample]:
     if part == "all":
-        if select_images:
-            raise DataError(f"select_images = {select_images} needs part 'select' or 'rest'")
         return samples
     chosen = selection_ids([sample.id for sample in samples], select_images)
     return [sample for sample in samples if (sample.id in chosen) == (part == "select")]
@@ -139,6 +142,7 @@ def prepare_split(
         raise DataError(f"workers = {workers}: must be >= 1")
     if reduce_zero_label and dataset != "ade20k":
         raise DataError(f"reduce_zero_label applies to ade20k only, not {dataset!r}")
+    _check_part(part, select_images)
     samples = _part(list_samples(dataset, root, split), part, select_images)
     names = class_names(dataset, reduce_zero_label)
     options = {"dataset": dataset, "split": split, "reduce_zero_label": reduce_zero_label,

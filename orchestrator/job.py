@@ -49,7 +49,6 @@ def run_job(plan: Plan, config_path: str, resume: bool = False) -> int:
     """Run every stage of the plan; returns the process exit code."""
     from orchestrator.cluster import connect
     from orchestrator.data_stage import prepare_data
-    from orchestrator.sea_pool import score_checkpoint
     from orchestrator.sweep import EpochsToMlflow, run_sweep, sweep_path
     from orchestrator.tracking import SweepTracker, redact, summary_markdown
 
@@ -84,27 +83,14 @@ def run_job(plan: Plan, config_path: str, resume: bool = False) -> int:
             if _already_scored(tracker, run_id, outcome.config):
                 say(f"trial {outcome.name}: SEA results already in MLflow, not scored again")
                 continue
-            checkpoint = outcome.metrics["best_checkpoint"]
-            say(f"trial {outcome.name}: SEA on {redact(checkpoint)} (best epoch {outcome.metrics.get('best_epoch')})")
             try:
-                sea = score_checkpoint(outcome.config, checkpoint, label=outcome.name)
+                _score_trial(tracker, run_id, outcome)
             except Exception as exc:  # one trial's scoring failing must not lose the other trials' results
                 failures += 1
                 message = f"SEA scoring failed: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:500]}"
                 say(f"trial {outcome.name}: {message}")
                 tracker.mark_failed(run_id, message)
                 continue
-            first = next(iter(sea.by_eps.values()))
-            tracker.log_result(
-                run_id, clean=first["clean"], sea=sea.by_eps,
-                train_hours=float(outcome.metrics.get("train_hours", 0.0)),
-                attack_hours=float(outcome.metrics.get("attack_hours", 0.0)) + sea.seconds / 3600.0,
-                checkpoint_uri=checkpoint,
-            )
-            if sea.examples is not None:
-                ex = sea.examples
-                tracker.log_examples(run_id, ex["image"], ex["label"], ex["clean_pred"], ex["adv_pred"],
-                                     eps=ex["eps"])
             tracker.end_trial(run_id)
     rows = tracker.finish(status="FAILED" if failures else "FINISHED")
     print("\nSummary\n" + summary_markdown(rows), flush=True)
@@ -116,8 +102,33 @@ def run_job(plan: Plan, config_path: str, resume: bool = False) -> int:
     return 0
 
 
+def _score_trial(tracker, run_id: str, outcome) -> None:
+    """SEA on the checkpoint selected on the held-out selection images and, as `final_*`, on the last epoch's
+    (scored once when they are the same checkpoint); both go to the trial's MLflow run."""
+    from orchestrator.sea_pool import score_checkpoint
+    from orchestrator.tracking import redact
+
+    metrics, scored = outcome.metrics, {}
+    for prefix, key, epoch in (("", "best_checkpoint", "best_epoch"), ("final_", "final_checkpoint", "final_epoch")):
+        checkpoint = metrics[key]
+        if checkpoint not in scored:
+            say(f"trial {outcome.name}: SEA on {redact(checkpoint)} ({key.split('_')[0]} epoch {metrics.get(epoch)})")
+            scored[checkpoint] = score_checkpoint(outcome.config, checkpoint, label=outcome.name)
+        sea = scored[checkpoint]
+        first = next(iter(sea.by_eps.values()))
+        tracker.log_result(
+            run_id, clean=first["clean"], sea=sea.by_eps, prefix=prefix,
+            train_hours=float(metrics.get("train_hours", 0.0)),
+            attack_hours=float(metrics.get("attack_hours", 0.0)) + sum(o.seconds for o in scored.values()) / 3600.0,
+            checkpoint_uri=checkpoint,
+        )
+        if not prefix and sea.examples is not None:
+            ex = sea.examples
+            tracker.log_examples(run_id, ex["image"], ex["label"], ex["clean_pred"], ex["adv_pred"], eps=ex["eps"])
+
+
 def _already_scored(tracker, run_id: str, config) -> bool:
     from trainables.units import eps_label
 
     metrics = tracker.client.get_run(run_id).data.metrics
-    return all(f"sea_miou_eps{eps_label(e)}" in metrics for e in config.sea.eps)
+    return all(f"{prefix}sea_miou_eps{eps_label(e)}" in metrics for e in config.sea.eps for prefix in ("", "final_"))

@@ -109,7 +109,9 @@ def score_checkpoint(config: Config, checkpoint_path: str, *, label: str = "", e
     from trainables.attacks import aggregate
 
     sea = config.sea
-    val_uri = f"{config.data.shards.rstrip('/')}/val"
+    from orchestrator.train import shard_uris
+
+    val_uri = shard_uris(config)[2]
     dataset = val_dataset(val_uri, size=config.data.val_size, limit=sea.images, block_rows=sea.batch_size)
     total = dataset.count()
     example_ids = tuple(str(row["id"]) for row in dataset.select_columns(["id"]).take(examples))

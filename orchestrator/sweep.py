@@ -64,6 +64,8 @@ def run_trial(tune_config: dict[str, Any]) -> None:
         **{k: v for k, v in outcome.best_metrics.items() if isinstance(v, (int, float, str))},
         "best_checkpoint": checkpoint_uri(outcome.best_checkpoint),
         "best_epoch": outcome.best_metrics.get("epoch"),
+        "final_checkpoint": checkpoint_uri(outcome.final_checkpoint),
+        "final_epoch": outcome.final_metrics.get("epoch"),
         "train_hours": (time.time() - started) / 3600.0,
         "attack_hours": attack_seconds / 3600.0,
         "trial_done": True,

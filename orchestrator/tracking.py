@@ -355,20 +355,25 @@ class SweepTracker:
         log_epoch_metrics(self.client, run_id, epoch, metrics)
 
     def log_result(self, run_id: str, *, clean: Mapping[str, Any], sea: Mapping[float, Mapping[str, Any]],
-                   train_hours: float, attack_hours: float, checkpoint_uri: str) -> dict[str, float]:
+                   train_hours: float, attack_hours: float, checkpoint_uri: str,
+                   prefix: str = "") -> dict[str, float]:
         """Final metrics (fractions in [0, 1], step 0): clean_{miou,aacc,...}; per SEA ε (1/255 units)
         sea_{miou,aacc,macc}_eps{E} (the worst case), sea_{loss}_{score}_eps{E} per loss and
         sea_clean_{score}_eps{E} (clean on the SEA images); train_hours, attack_hours. Artifacts:
-        `checkpoint.txt` (the redacted checkpoint URI) and `sea_miou_vs_eps.png`. Returns the metrics."""
+        `checkpoint.txt` (the redacted checkpoint URI) and `sea_miou_vs_eps.png`. Returns the metrics.
+        With a prefix (`final_`: the last epoch's checkpoint beside the selected one) every name carries it
+        and only the metrics and a `{prefix}checkpoint_uri` tag are logged."""
         from mlflow.entities import Metric, RunTag
 
         from orchestrator.plots import sea_curve
 
-        metrics = final_metrics(clean, sea, train_hours, attack_hours)
+        metrics = {prefix + k: v for k, v in final_metrics(clean, sea, train_hours, attack_hours).items()}
         stamp = _now_ms()
         location = redact(str(checkpoint_uri))
         self.client.log_batch(run_id, metrics=[Metric(k, v, stamp, 0) for k, v in metrics.items()],
-                              tags=[RunTag("checkpoint_uri", location[:MAX_TAG_CHARS])])
+                              tags=[RunTag(f"{prefix}checkpoint_uri", location[:MAX_TAG_CHARS])])
+        if prefix:
+            return metrics
         self.client.log_text(run_id, location + "\n", "checkpoint.txt")
         if sea:
             title = f"SEA: {self.client.get_run(run_id).info.run_name}"
@@ -463,7 +468,7 @@ def _numpy(array):
 
 
 def _is_final(key: str) -> bool:
-    return key.startswith(("clean_", "sea_")) or key in ("train_hours", "attack_hours")
+    return key.startswith(("clean_", "sea_", "final_clean_", "final_sea_")) or key in ("train_hours", "attack_hours")
 
 
 _SEA_KEY = re.compile(r"sea_(?:(?P<name>.+)_)?(?P<score>miou|aacc|macc)_eps(?P<eps>[0-9.e+-]+)")
@@ -523,9 +528,10 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """The headline columns as a Markdown table: settings, clean and worst-case SEA mIoU, hours."""
     keep = [c for c in _columns(rows) if c in SUMMARY_COLUMNS or c in ("clean_miou", "clean_aacc",
                                                                         "train_hours", "attack_hours")
-            or re.fullmatch(r"sea_miou_eps[\d.]+", c)]
+            or re.fullmatch(r"(final_)?sea_miou_eps[\d.]+", c)]
     lines = ["| " + " | ".join(keep) + " |", "|" + "---|" * len(keep)]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(k)).replace("|", "\\|") for k in keep) + " |")
-    note = "\nScores are fractions in [0, 1]; ε in units of 1/255; sea_miou_eps{E} is SEA's worst case.\n"
+    note = ("\nScores are fractions in [0, 1]; ε in units of 1/255; sea_miou_eps{E} is SEA's worst case for the "
+            "checkpoint selected on the held-out selection images, final_sea_miou_eps{E} for the last epoch's.\n")
     return "\n".join(lines) + "\n" + note
