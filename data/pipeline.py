@@ -23,10 +23,21 @@ import pyarrow.fs as pafs
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from data import shards
+from data.classes import IGNORE_INDEX
 from data.codec import decode_image, decode_label
 from data.epoch_order import epoch_order, sample_rng
 from data.errors import DataError
-from data.transforms import check_scale_range, to_chw, to_float, train_augment, val_resize
+from data.transforms import (
+    check_ignore_as,
+    check_scale_range,
+    fit_size,
+    ignored_as,
+    reference_crop,
+    to_chw,
+    to_float,
+    train_augment,
+    val_resize,
+)
 
 # Rows decoded per output batch: a 473x473 uint8 image plus label is ~0.9 MB, so outputs stream in ~7 MB.
 MAP_BATCH_ROWS = 8
@@ -34,6 +45,8 @@ MAP_BATCH_ROWS = 8
 # take well over Ray's per-task cost (tens of ms on 2 cores). Shards are split only when there are
 # fewer of them than twice the cluster's CPUs; split blocks stream less evenly than whole files.
 DECODE_BLOCK_ROWS = 32
+# Val views (see val_dataset): training's fit-and-pad, and the two evaluation protocols of `eval.protocol`.
+VAL_PROTOCOLS = ("fit", "reference", "full")
 _VERIFIED: dict[str, tuple] = {}
 
 
@@ -87,13 +100,24 @@ def _outputs(count: int, size: int | tuple[int, int]) -> tuple[np.ndarray, np.nd
     return np.empty((count, 3, height, width), np.uint8), np.empty((count, height, width), np.uint8)
 
 
-def _val_rows(table: pa.Table, *, size: int) -> Iterator[dict]:
-    """A whole read block, in order: decode, resize to fit, pad."""
+def _val_rows(table: pa.Table, *, size: int, protocol: str = "fit", ignore_as: int | None = None) -> Iterator[dict]:
+    """A whole read block, in order: decode, then the protocol's view (see val_dataset)."""
     for ids, encoded_images, encoded_labels in _chunks(table):
         images, labels = _outputs(len(ids), size)
+        rows = {"id": np.asarray(ids, dtype=object), "image": images, "label": labels}
+        if protocol == "full":
+            rows["label_full"] = np.empty(len(ids), dtype=object)
+            rows["content"] = np.empty((len(ids), 2), np.int32)
         for row, (image, label) in enumerate(zip(encoded_images, encoded_labels, strict=True)):
-            to_chw(*val_resize(decode_image(image), decode_label(label), size=size), out=(images[row], labels[row]))
-        yield {"id": np.asarray(ids, dtype=object), "image": images, "label": labels}
+            image, label = decode_image(image), decode_label(label)
+            if ignore_as is not None:
+                label = ignored_as(label, ignore_as)
+            view = reference_crop if protocol == "reference" else val_resize
+            to_chw(*view(image, label, size=size), out=(images[row], labels[row]))
+            if protocol == "full":
+                rows["label_full"][row] = label
+                rows["content"][row] = fit_size(*label.shape, size)
+        yield rows
 
 
 @dataclass(frozen=True)
@@ -182,19 +206,48 @@ def train_dataset(rows: TrainRows | str, *, crop_size: int, scale_range: tuple[f
     )
 
 
-def val_dataset(uri: str, *, size: int, limit: int | None = None, block_rows: int | None = None):
-    """Val rows in manifest order: resized to fit size x size (nearest for labels), padded; first `limit` rows.
+def val_dataset(uri: str, *, size: int, limit: int | None = None, block_rows: int | None = None,
+                protocol: str = "fit", ignore_as: int | None = None):
+    """Val rows in manifest order, in one of three views (`protocol`); first `limit` rows.
 
-    block_rows splits the shards into blocks of about that many rows (e.g. the SEA batch size, so that a pool
-    of actors shares the images evenly and a retried block is small); by default a block is a whole shard.
+    "fit": resized to fit size x size (bilinear image, nearest label), padded (mean colour, ignore value).
+    "reference": the reference code's evaluation: short side resized to size (the crop size), centre
+    size x size crop, scored there. "full": image and label as "fit" (the model input, and the label the
+    attacks use), and also the label at the image's original size ("label_full") and the image's height
+    and width inside the padded input ("content"), so that predictions are scored at the original size
+    (the segmentation toolkits' protocol). Images of different sizes then share a batch as one padded model
+    input and original labels padded with the ignore value (ValCollate), which no score counts.
+    ignore_as counts the ignore value as that class (the reference protocol scores VOC's 255 borders as
+    background, 0). block_rows splits the shards into blocks of about that many rows (e.g. the SEA batch
+    size, so that a pool of actors shares the images evenly and a retried block is small); by default a
+    block is a whole shard.
     """
     if limit is not None and limit < 1:
         raise DataError(f"limit = {limit}: must be >= 1 (or None for all rows)")
+    if protocol not in VAL_PROTOCOLS:
+        raise DataError(f"protocol = {protocol!r}: must be one of {', '.join(VAL_PROTOCOLS)}")
+    if ignore_as is not None:
+        try:
+            check_ignore_as(ignore_as)
+        except ValueError as error:
+            raise DataError(str(error)) from None
     manifest = checked_manifest(uri)
     ds = _read(uri, manifest, None, block_rows)
     ds.context.execution_options.preserve_order = True
-    ds = ds.map_batches(_val_rows, fn_kwargs={"size": size}, batch_size=None, batch_format="pyarrow")
+    ds = ds.map_batches(_val_rows, fn_kwargs={"size": size, "protocol": protocol, "ignore_as": ignore_as},
+                        batch_size=None, batch_format="pyarrow")
     return ds if limit is None else ds.limit(limit)
+
+
+def full_labels(labels) -> tuple[np.ndarray, np.ndarray]:
+    """Labels of different sizes -> int64 N x H x W (each top-left, padded with the ignore value to the
+    largest height and width) and their sizes, int64 N x 2."""
+    sizes = np.asarray([np.shape(label) for label in labels], np.int64).reshape(-1, 2)
+    height, width = sizes.max(0) if len(sizes) else (0, 0)
+    out = np.full((len(sizes), height, width), IGNORE_INDEX, np.int64)
+    for row, label in enumerate(labels):
+        out[row, :label.shape[0], :label.shape[1]] = label
+    return out, sizes
 
 
 class TrainCollate(NumpyBatchCollateFn):
@@ -208,10 +261,18 @@ class TrainCollate(NumpyBatchCollateFn):
 
 
 class ValCollate(TrainCollate):
-    """As TrainCollate, and the ids as a list of str (strings cannot become tensors)."""
+    """As TrainCollate, and the ids as a list of str (strings cannot become tensors); rows of the "full"
+    protocol also give "score_label" / "score_size" (full_labels) and "content" (int64 N x 2)."""
 
     def __call__(self, batch: dict) -> dict:
-        return {"id": [str(i) for i in batch["id"]], **super().__call__(batch)}
+        import torch
+
+        out = {"id": [str(i) for i in batch["id"]], **super().__call__(batch)}
+        if "label_full" in batch:
+            labels, sizes = full_labels(batch["label_full"])
+            out.update(score_label=torch.from_numpy(labels), score_size=torch.from_numpy(sizes),
+                       content=torch.from_numpy(np.asarray(batch["content"], np.int64).reshape(-1, 2)))
+        return out
 
 
 train_collate = TrainCollate()

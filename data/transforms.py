@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from data.classes import IGNORE_INDEX
 
@@ -80,15 +81,52 @@ def train_augment(
     return image, label
 
 
+def fit_size(height: int, width: int, size: int | tuple[int, int]) -> tuple[int, int]:
+    """The (height, width) an image takes inside size when resized to fit with its aspect kept (no padding)."""
+    out_h, out_w = _size2(size)
+    scale = min(out_h / height, out_w / width)
+    return min(out_h, max(1, round(height * scale))), min(out_w, max(1, round(width * scale)))
+
+
 def val_resize(image: np.ndarray, label: np.ndarray, *, size: int | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Resize to fit inside size (aspect kept; a no-op when it already fits exactly), then pad to size."""
     _check(image, label)
-    out_h, out_w = _size2(size)
+    image, label = _resize(image, label, *fit_size(*label.shape, size))
+    return _pad_to(image, label, *_size2(size))
+
+
+def reference_crop(image: np.ndarray, label: np.ndarray, *, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The reference code's val view: short side resized to size, then the centre size x size crop.
+
+    As the reference does it (so its figures are reproduced pixel for pixel): PIL's bilinear filter for the
+    image and nearest for the label, the long side scaled by size / short side and truncated, and the crop's
+    offset rounded half to even (Python's round).
+    """
+    _check(image, label)
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"size {size!r}: must be a positive int (the side of the square crop)")
     height, width = label.shape
-    scale = min(out_h / height, out_w / width)
-    new_h, new_w = min(out_h, max(1, round(height * scale))), min(out_w, max(1, round(width * scale)))
-    image, label = _resize(image, label, new_h, new_w)
-    return _pad_to(image, label, out_h, out_w)
+    if width > height:
+        new_h, new_w = size, int(width * size / height)
+    else:
+        new_h, new_w = int(height * size / width), size
+    if (new_h, new_w) != (height, width):
+        image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
+        label = np.asarray(Image.fromarray(label).resize((new_w, new_h), Image.Resampling.NEAREST))
+    top, left = int(round((new_h - size) / 2)), int(round((new_w - size) / 2))
+    return image[top:top + size, left:left + size], label[top:top + size, left:left + size]
+
+
+def check_ignore_as(value: int) -> int:
+    """A class index the ignore value may be counted as, else a ValueError naming the value."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < IGNORE_INDEX:
+        raise ValueError(f"ignore_as = {value!r}: must be a class index in [0, {IGNORE_INDEX})")
+    return int(value)
+
+
+def ignored_as(label: np.ndarray, value: int) -> np.ndarray:
+    """A copy of label where the ignore value counts as class `value` (the reference protocol's VOC borders)."""
+    return np.where(label == IGNORE_INDEX, np.uint8(check_ignore_as(value)), label)
 
 
 def to_chw(

@@ -204,6 +204,23 @@ class SeaConfig(_Section):
         return self
 
 
+# What each `eval.protocol` measures: said in its config key, the plan and the summary table.
+PROTOCOLS = {
+    "reference": "as the paper's code, comparable with its tables: short side resized to data.crop_size "
+                 "(bilinear image, nearest label), centre crop, scored there; VOC's 255 borders count as "
+                 "background (no pixel ignored); ADE20K keeps class 0 (151 classes)",
+    "full": "as the segmentation toolkits: predict on the image resized to fit data.val_size, logits upsampled "
+            "to the original label size and scored there; 255 ignored",
+}
+
+
+class EvalConfig(_Section):
+    protocol: Literal["reference", "full"] = Field(
+        "reference", description="how clean and SEA scores are measured; " + "; ".join(
+            f"{name}: {text}" for name, text in PROTOCOLS.items()),
+    )
+
+
 class TrackingConfig(_Section):
     uri: Optional[str] = Field(None, description="MLflow tracking URI (sqlite:///..., http://...)")
     experiment: str = "pir-at"
@@ -227,6 +244,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     sweep: SweepConfig = SweepConfig()
     sea: SeaConfig = SeaConfig()
+    eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     cluster: ClusterConfig = ClusterConfig()
 
@@ -236,6 +254,15 @@ class Config(_Section):
             raise ValueError(
                 f"train.batch_size ({self.train.batch_size}) must divide evenly across "
                 f"cluster.workers ({self.cluster.workers})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _protocol(self) -> Config:
+        if self.eval.protocol == "reference" and self.data.reduce_zero_label:
+            raise ValueError(
+                "eval.protocol = 'reference' scores ADE20K with class 0 kept (151 classes, no pixel ignored), "
+                "which data.reduce_zero_label = true removes; set eval.protocol: full or data.reduce_zero_label: false"
             )
         return self
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from data.shards import is_local
-from orchestrator.config import Config, ConfigError, with_values
+from orchestrator.config import PROTOCOLS, Config, ConfigError, with_values
 
 
 @dataclass
@@ -121,6 +121,7 @@ def format_plan(plan: Plan) -> str:
         f"losses {', '.join(cfg.sea.losses)}, images {cfg.sea.images or 'all val'}, "
         f"{cfg.sea.min_actors}-{cfg.sea.max_actors} actors "
         f"x ({cfg.sea.cpus_per_actor:g} CPU, {cfg.sea.gpus_per_actor:g} GPU)",
+        f"Scores: eval.protocol {cfg.eval.protocol} ({PROTOCOLS[cfg.eval.protocol]})",
     ]
     lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)

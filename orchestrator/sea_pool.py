@@ -1,12 +1,15 @@
 """SEA scoring of a checkpoint by an autoscaling pool of Ray actors (Ray Data `map_batches` + ActorPoolStrategy).
 
 Each actor loads the checkpoint once and runs `trainables.attacks.sea` for every ε on its batches; the
-per-image results come back to the driver, which combines them with `aggregate`. A dead actor is
-restarted by Ray Data and its batch retried; results are keyed by (ε, image id) so each image counts once.
+per-image results come back to the driver, which combines them with `aggregate` in image-id order (the val
+list's order for VOC and ADE20K, as the paper's greedy mIoU walks it). A dead actor is restarted by Ray Data
+and its batch retried; results are keyed by (ε, image id) so each image counts once. The val images are
+scored as `eval.protocol` says (`eval_view`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import pickle
@@ -18,6 +21,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from data.classes import VOC_CLASSES
 from data.pipeline import val_collate, val_dataset
 from orchestrator.config import Config, to_dict
 from trainables.units import eps_label
@@ -35,8 +39,35 @@ class SeaOutcome:
 
 
 def image_key(image_id: str) -> int:
-    """A stable 60-bit integer for an image id (SEA orders images by it, whichever actor scored them)."""
+    """A stable 60-bit integer for an image id (a result's ids; `in_id_order` renumbers them by the ids)."""
     return int(hashlib.sha1(image_id.encode()).hexdigest()[:15], 16)
+
+
+def eval_view(config: Config) -> dict[str, Any]:
+    """val_dataset's view of the val images under eval.protocol: `reference` crops data.crop_size and scores
+    VOC's borders as background; `full` fits data.val_size and keeps the original labels for scoring."""
+    if config.eval.protocol == "reference":
+        background = VOC_CLASSES.index("background") if config.data.val_dataset == "voc" else None
+        return {"size": config.data.crop_size, "protocol": "reference", "ignore_as": background}
+    return {"size": config.data.val_size, "protocol": "full", "ignore_as": None}
+
+
+def score_batch(model, tensors: dict[str, Any], sea_settings: dict[str, Any], num_classes: int, *, device,
+                return_adv: bool = False) -> list:
+    """SEA results (one per ε of sea_settings, in its order) of a val_collate batch, scored as its rows say:
+    at the original label sizes when the batch carries them (eval.protocol full), else against its labels."""
+    from trainables.attacks import ScoreAt, sea
+    from trainables.units import to_unit
+
+    x, y = tensors["image"].to(device), tensors["label"].to(device)
+    score_at = None
+    if "score_label" in tensors:
+        score_at = ScoreAt(tensors["score_label"], tensors["score_size"], tensors["content"])
+    keys = [image_key(i) for i in tensors["id"]]
+    return [sea(model, x, y, eps=to_unit(eps), num_classes=num_classes, n_iter=sea_settings["iterations"],
+                losses=tuple(sea_settings["losses"]), ids=keys, seed=sea_settings["seed"],
+                return_adv=return_adv and eps == max(sea_settings["eps"]), score_at=score_at)
+            for eps in sea_settings["eps"]]
 
 
 class SeaScorer:
@@ -65,22 +96,15 @@ class SeaScorer:
         self.example_ids = set(example_ids)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from trainables.attacks import sea
-        from trainables.units import to_unit
-
         tensors = val_collate(batch)
         x, y, ids = tensors["image"].to(self.device), tensors["label"].to(self.device), tensors["id"]
-        keys = [image_key(i) for i in ids]
         wanted = [n for n, i in enumerate(ids) if i in self.example_ids]
         out: dict[str, list] = {"eps": [], "ids": [], "result": [], "examples": [], "pid": []}
-        largest = max(self.sea["eps"])
-        for eps in self.sea["eps"]:
-            keep = bool(wanted) and eps == largest
-            result = sea(self.model, x, y, eps=to_unit(eps), num_classes=self.num_classes,
-                         n_iter=self.sea["iterations"], losses=tuple(self.sea["losses"]), ids=keys,
-                         seed=self.sea["seed"], return_adv=keep)
+        results = score_batch(self.model, tensors, self.sea, self.num_classes, device=self.device,
+                              return_adv=bool(wanted))
+        for eps, result in zip(self.sea["eps"], results, strict=True):
             examples = None
-            if keep:
+            if result.adv is not None:
                 examples = self._examples(result, x, y, wanted)
             result.adv = None
             out["eps"].append(float(eps))
@@ -104,6 +128,17 @@ class SeaScorer:
                 "label": y[index].cpu().numpy(), "clean_pred": clean_pred.numpy(), "adv_pred": adv_pred.numpy()}
 
 
+def in_id_order(results: dict[tuple[float, str], Any]) -> dict[tuple[float, str], Any]:
+    """The results (keyed by ε and their comma-joined image ids) with ids renumbered by the sorted image ids,
+    so `aggregate` walks the images in id order rather than in the order of their hashes."""
+    import torch
+
+    ids = sorted({i for _, joined in results for i in joined.split(",")})
+    rank = {image_id: n for n, image_id in enumerate(ids)}
+    return {(eps, joined): dataclasses.replace(r, ids=torch.tensor([rank[i] for i in joined.split(",")]))
+            for (eps, joined), r in results.items()}
+
+
 def score_checkpoint(config: Config, checkpoint_path: str, *, label: str = "", examples: int = 4) -> SeaOutcome:
     """Score one checkpoint with SEA on the val shards for every `sea.eps`; prints progress per ε."""
     from trainables.attacks import aggregate
@@ -112,7 +147,7 @@ def score_checkpoint(config: Config, checkpoint_path: str, *, label: str = "", e
     from orchestrator.train import shard_uris
 
     val_uri = shard_uris(config)[2]
-    dataset = val_dataset(val_uri, size=config.data.val_size, limit=sea.images, block_rows=sea.batch_size)
+    dataset = val_dataset(val_uri, **eval_view(config), limit=sea.images, block_rows=sea.batch_size)
     total = dataset.count()
     example_ids = tuple(str(row["id"]) for row in dataset.select_columns(["id"]).take(examples))
     scored = dataset.map_batches(
@@ -148,10 +183,11 @@ def score_checkpoint(config: Config, checkpoint_path: str, *, label: str = "", e
         print(f"[sea{(' ' + label) if label else ''}] images scored {progress} "
               f"({time.time() - started:.0f}s)", file=sys.stderr, flush=True)
     by_eps = {}
+    in_order = in_id_order(results)
     for eps, count in done.items():
         if count != total:
             raise RuntimeError(f"SEA scored {count} of {total} images at eps {eps_label(eps)}/255")
-        by_eps[eps] = aggregate([r for (e, _), r in sorted(results.items()) if e == eps], config.data.num_classes)
+        by_eps[eps] = aggregate([r for (e, _), r in sorted(in_order.items()) if e == eps], config.data.num_classes)
     joined = None
     if example_parts:
         joined = {k: np.concatenate([p[k] for p in example_parts]) for k in example_parts[0]}

@@ -2,7 +2,9 @@
 
 One parent run per sweep, one child run per trial (tag `mlflow.parentRunId`). Every score is logged
 as a fraction in [0, 1] (never percent); ε in metric names is in units of 1/255 written by
-`trainables.units.eps_label` (`sea_miou_eps4`, `sea_mce-bal_miou_eps0.5`). MLflow accepts '-' and
+`trainables.units.eps_label` (`sea_miou_eps4`, `sea_mce-bal_miou_eps0.5`). SEA's worst-case mIoU is logged
+twice: `sea_miou_eps{E}` is the strongest valid number, `sea_miou_greedy_eps{E}` the paper's greedy walk,
+the one comparable with its tables (under `eval.protocol: reference`). MLflow accepts '-' and
 '.' in metric names, so loss names are used as they are. Nothing secret is logged: URIs lose their
 user/password and credential query parameters, and values of secret-named keys become `***`.
 """
@@ -25,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.config import Config, flatten, to_dict
+from orchestrator.config import PROTOCOLS, Config, flatten, to_dict
 from trainables.units import eps_label
 
 DEFAULT_DB = "mlruns.db"
@@ -60,12 +62,15 @@ SHORT_PARAMS = {
     "init": "model.init",
     "dataset": "data.dataset",
     "decoder": "model.decoder",
+    "protocol": "eval.protocol",
 }
-SUMMARY_COLUMNS = ("trial_name", "status", "attack_steps", "eps", "epochs", "backbone", "init")
+SUMMARY_COLUMNS = ("trial_name", "status", "attack_steps", "eps", "epochs", "backbone", "init", "protocol")
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value; the full config is in config.yaml
 MAX_TAG_CHARS = 8000
 BATCH = 100  # params/tags per log_batch request (MLflow's limit)
-FRACTION_SCORES = ("miou", "aacc", "macc")
+FRACTION_SCORES = ("miou", "aacc", "macc", "miou_greedy", "miou_by_acc")
+# SEA's worst-case mIoU: the strongest valid number (the headline) and the paper's greedy walk.
+SEA_MIOU, SEA_MIOU_GREEDY = "sea_miou_eps", "sea_miou_greedy_eps"
 
 
 def resolve_tracking_uri(config: Config, override_given: bool, cwd: str | Path | None = None) -> str:
@@ -358,7 +363,8 @@ class SweepTracker:
                    train_hours: float, attack_hours: float, checkpoint_uri: str,
                    prefix: str = "") -> dict[str, float]:
         """Final metrics (fractions in [0, 1], step 0): clean_{miou,aacc,...}; per SEA ε (1/255 units)
-        sea_{miou,aacc,macc}_eps{E} (the worst case), sea_{loss}_{score}_eps{E} per loss and
+        sea_{miou,aacc,macc}_eps{E} (the worst case; sea_miou_eps{E} the strongest valid mIoU),
+        sea_miou_greedy_eps{E} (the paper's greedy worst case), sea_{loss}_{score}_eps{E} per loss and
         sea_clean_{score}_eps{E} (clean on the SEA images); train_hours, attack_hours. Artifacts:
         `checkpoint.txt` (the redacted checkpoint URI) and `sea_miou_vs_eps.png`. Returns the metrics.
         With a prefix (`final_`: the last epoch's checkpoint beside the selected one) every name carries it
@@ -471,8 +477,9 @@ def _is_final(key: str) -> bool:
     return key.startswith(("clean_", "sea_", "final_clean_", "final_sea_")) or key in ("train_hours", "attack_hours")
 
 
-_SEA_KEY = re.compile(r"sea_(?:(?P<name>.+)_)?(?P<score>miou|aacc|macc)_eps(?P<eps>[0-9.e+-]+)")
-_SCORES = {"miou": 0, "aacc": 1, "macc": 2}
+_SEA_KEY = re.compile(
+    r"sea_(?:(?P<name>.+)_)?(?P<score>miou|miou_greedy|miou_by_acc|aacc|macc)_eps(?P<eps>[0-9.e+-]+)")
+_SCORES = {"miou": 0, "miou_greedy": 1, "miou_by_acc": 2, "aacc": 3, "macc": 4}
 
 
 def _metric_order(key: str) -> tuple:
@@ -525,13 +532,22 @@ def summary_csv(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def summary_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The headline columns as a Markdown table: settings, clean and worst-case SEA mIoU, hours."""
+    """The headline columns as a Markdown table: settings, clean and worst-case SEA mIoU (the strongest and the
+    paper's greedy number), hours; a note says what the two SEA numbers and the protocols measure."""
     keep = [c for c in _columns(rows) if c in SUMMARY_COLUMNS or c in ("clean_miou", "clean_aacc",
                                                                         "train_hours", "attack_hours")
-            or re.fullmatch(r"(final_)?sea_miou_eps[\d.]+", c)]
+            or re.fullmatch(rf"(?:final_)?(?:{SEA_MIOU}|{SEA_MIOU_GREEDY})[\d.]+", c)]
     lines = ["| " + " | ".join(keep) + " |", "|" + "---|" * len(keep)]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(k)).replace("|", "\\|") for k in keep) + " |")
-    note = ("\nScores are fractions in [0, 1]; ε in units of 1/255; sea_miou_eps{E} is SEA's worst case for the "
-            "checkpoint selected on the held-out selection images, final_sea_miou_eps{E} for the last epoch's.\n")
-    return "\n".join(lines) + "\n" + note
+    note = [
+        "",
+        "Scores are fractions in [0, 1]; ε in units of 1/255.",
+        f"{SEA_MIOU}{{E}}: SEA's strongest valid worst case (a refined per-image choice, at most the greedy one).",
+        f"{SEA_MIOU_GREEDY}{{E}}: the paper's greedy worst case; this is the number comparable with the paper's "
+        "tables (protocol reference).",
+        "Scores without a prefix are for the checkpoint selected on the held-out selection images (never the val "
+        "images scored here); final_* for the last epoch's checkpoint.",
+        *(f"protocol {name}: {text}." for name, text in PROTOCOLS.items()),
+    ]
+    return "\n".join(lines) + "\n" + "\n".join(note) + "\n"

@@ -3,11 +3,12 @@
 from trainables.attacks.apgd import apgd
 from trainables.attacks.common import AttackValidityError, check_valid
 from trainables.attacks.pgd import fgsm, ifgsm, least_likely, pgd
-from trainables.attacks.sea import SEA_LOSSES, SeaResult, aggregate, sea
+from trainables.attacks.sea import SEA_LOSSES, ScoreAt, SeaResult, aggregate, sea
 
 __all__ = [
     "SEA_LOSSES",
     "AttackValidityError",
+    "ScoreAt",
     "SeaResult",
     "aggregate",
     "apgd",
