@@ -56,7 +56,8 @@ def join(uri: str, name: str) -> str:
 
 
 def is_local(uri: str) -> bool:
-    return not uri.startswith(REMOTE_SCHEMES)
+    """A path on this machine: no scheme, or file://; s3://, gs://, https:// and the like are not."""
+    return "://" not in uri or uri.startswith("file://")
 
 
 def read_bytes(uri: str) -> bytes:

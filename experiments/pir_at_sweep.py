@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from orchestrator.job import run_job
 
-    return run_job(plan, config_path=args.config, resume=args.resume)
+    return run_job(plan, resume=args.resume)
 
 
 if __name__ == "__main__":

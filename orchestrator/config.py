@@ -96,6 +96,7 @@ class ModelConfig(_Section):
         "random", description="where the backbone weights came from; logged with every run"
     )
     decoder_width: int = Field(512, ge=8)
+    drop_path_rate: float = Field(0.0, ge=0, lt=1, description="stochastic depth of the backbone's blocks (timm)")
 
     @model_validator(mode="after")
     def _weights(self) -> ModelConfig:

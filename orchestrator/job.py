@@ -45,7 +45,7 @@ def epoch_metrics(result: dict) -> dict:
             if k.startswith(EPOCH_METRICS) and isinstance(v, (int, float)) and math.isfinite(v)}
 
 
-def run_job(plan: Plan, config_path: str, resume: bool = False) -> int:
+def run_job(plan: Plan, resume: bool = False) -> int:
     """Run every stage of the plan; returns the process exit code."""
     from orchestrator.cluster import connect
     from orchestrator.data_stage import prepare_data

@@ -99,6 +99,7 @@ class SeaScorer:
         tensors = val_collate(batch)
         x, y, ids = tensors["image"].to(self.device), tensors["label"].to(self.device), tensors["id"]
         wanted = [n for n, i in enumerate(ids) if i in self.example_ids]
+        self._ids = ids
         out: dict[str, list] = {"eps": [], "ids": [], "result": [], "examples": [], "pid": []}
         results = score_batch(self.model, tensors, self.sea, self.num_classes, device=self.device,
                               return_adv=bool(wanted))
@@ -124,7 +125,7 @@ class SeaScorer:
         with torch.no_grad():
             clean_pred = self.model(x[index]).argmax(1).cpu()
             adv_pred = self.model(adv.to(self.device)).argmax(1).cpu()
-        return {"id": np.asarray([str(v) for v in np.asarray(wanted)]), "image": x[index].cpu().numpy(),
+        return {"id": np.asarray([str(self._ids[n]) for n in wanted]), "image": x[index].cpu().numpy(),
                 "label": y[index].cpu().numpy(), "clean_pred": clean_pred.numpy(), "adv_pred": adv_pred.numpy()}
 
 

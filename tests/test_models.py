@@ -131,7 +131,8 @@ def test_parameter_counts_of_the_recipe_upernets():
          "model.stem = 'conv': must be one of patch, cvst"),
         (dict(decoder="segmenter", backbone="vit_small_patch16_224", num_classes=21, stem="cvst"),
          "CvSt stem exists for ConvNeXt backbones only"),
-        (dict(decoder="upernet", backbone="convnext_atto", num_classes=21, pretrained_timm=True), "never does"),
+        (dict(decoder="upernet", backbone="convnext_atto", num_classes=21, drop_path_rate=1.0),
+         "model.drop_path_rate = 1.0: must be in [0, 1)"),
     ],
 )
 def test_bad_input_is_named(kwargs, message):

@@ -18,7 +18,7 @@ BACKBONES_BY_DECODER = {"upernet": CONVNEXTS, "segmenter": VITS}
 
 
 def build_model(decoder: str, backbone: str, num_classes: int, stem: str = "patch",
-                backbone_weights: str | None = None, *, decoder_width: int = 512, pretrained_timm: bool = False,
+                backbone_weights: str | None = None, *, decoder_width: int = 512,
                 drop_path_rate: float = 0.0) -> SegmentationModel:
     """A segmentation model mapping images in [0, 1] (N x 3 x H x W) to logits N x num_classes x H x W.
 
@@ -40,11 +40,8 @@ def build_model(decoder: str, backbone: str, num_classes: int, stem: str = "patc
         raise ValueError(f"num_classes = {num_classes!r}: must be an integer >= 2 (background included)")
     if decoder_width < 8:
         raise ValueError(f"model.decoder_width = {decoder_width}: must be >= 8")
-    if pretrained_timm:
-        raise ValueError(
-            "pretrained_timm=True would download timm weights, which this project never does; save the ImageNet "
-            "checkpoint yourself and pass it as backbone_weights (with model.init: clean or pir)"
-        )
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise ValueError(f"model.drop_path_rate = {drop_path_rate}: must be in [0, 1)")
     encoder = create_backbone(backbone, stem, drop_path_rate)
     head: nn.Module
     if decoder == "upernet":
@@ -62,7 +59,7 @@ def build_from_config(model_config: Any, num_classes: int) -> SegmentationModel:
     """build_model from the config's `model` section; `init_report["init"]` records model.init (pir/clean/random)."""
     model = build_model(
         model_config.decoder, model_config.backbone, num_classes, model_config.stem, model_config.backbone_weights,
-        decoder_width=model_config.decoder_width,
+        decoder_width=model_config.decoder_width, drop_path_rate=getattr(model_config, "drop_path_rate", 0.0),
     )
     model.init_report = {"init": model_config.init, **model.init_report}
     return model
