@@ -139,6 +139,18 @@ def test_log_lines_are_redacted(monkeypatch, capsys):
     assert not any(s in text + err for s in ("weightspw", "topsecret", PASSWORD))
 
 
+def test_config_errors_are_printed_redacted(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pir_at_sweep", REPO / "experiments" / "pir_at_sweep.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    code = script.main(["--dry-run", "data.crop_size=s3://AKIAUSER:wr0ngplace@bucket/x"])
+    err = capsys.readouterr().err
+    assert code == script.EXIT_CONFIG and "demo.yaml: data.crop_size = " in err
+    assert "s3://***@bucket/x" in err and "wr0ngplace" not in err
+
+
 # ---------------------------------------------------------------------------------------------
 # orchestrator.mlflow_auth without a server
 
