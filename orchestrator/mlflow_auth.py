@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import hashlib
 import hmac
+import importlib.util
 import os
 import secrets
 import signal
@@ -183,6 +184,9 @@ def serve(secret_file: str | Path, state_dir: str | Path, command: list[str], us
     """Prepare the auth config and admin user in `state_dir`, then replace this process by the server."""
     command = check_server_command(command)
     password = read_secret(secret_file)
+    if importlib.util.find_spec("flask_wtf") is None:
+        raise AuthSetupError("MLflow's basic-auth app needs Flask-WTF, which `mlflow[auth]` brings: install this "
+                             "project again (pip install -e .), its dependencies name mlflow[auth]")
     state = Path(state_dir).expanduser()
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     ini = state / AUTH_INI

@@ -10,6 +10,7 @@ artifact or log line. Rotating the secret and restarting locks the old password 
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import os
 import stat
@@ -52,6 +53,7 @@ def call(url: str, path: str, user: str | None = None, password: str | None = No
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory):
     """(url, password, folder) of one authenticated loopback server for this module; stopped at the end."""
+    assert importlib.util.find_spec("flask_wtf"), "MLflow's basic-auth app needs mlflow[auth]: reinstall the project"
     root = tmp_path_factory.mktemp("auth-mlflow")
     secret = mlflow_auth.new_secret(root / "home" / ".pir-at-ray" / "mlflow_password")
     with mlflow_server(root, str(root / "artifacts"), secret_file=secret) as url:
