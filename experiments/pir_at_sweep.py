@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from orchestrator.config import DEFAULT_CONFIG, ConfigError, load_config, parse_overrides, resolve_paths  # noqa: E402
 from orchestrator.plan import build_plan, format_plan  # noqa: E402
+from orchestrator.redact import redact  # noqa: E402
 from orchestrator.tracking import resolve_tracking_uri  # noqa: E402
 
 EXIT_CONFIG = 2
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         tracking_uri = resolve_tracking_uri(config, override_given="tracking.uri" in override_keys)
         plan = build_plan(config, tracking_uri)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        print(redact(f"config error: {exc}"), file=sys.stderr)
         return EXIT_CONFIG
     if args.dry_run:
         print(format_plan(plan))

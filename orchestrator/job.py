@@ -8,13 +8,14 @@ import time
 from contextlib import contextmanager
 
 from orchestrator.plan import Plan, format_plan
+from orchestrator.redact import redact
 
 # Per-epoch metrics that go to MLflow (Tune adds its own bookkeeping keys, which are left out).
 EPOCH_METRICS = ("loss", "lr", "images_per_s", "epoch_s", "time_", "frac_", "select_")
 
 
 def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    print(redact(message), file=sys.stderr, flush=True)
 
 
 class StageTimer:

@@ -10,6 +10,7 @@ from typing import Any
 
 from data.shards import is_local
 from orchestrator.config import PROTOCOLS, Config, ConfigError, with_values
+from orchestrator.redact import redact
 
 
 @dataclass
@@ -91,7 +92,7 @@ def scaling_text(config: Config) -> str:
 
 
 def format_plan(plan: Plan) -> str:
-    """Human-readable plan: what --dry-run prints."""
+    """Human-readable plan: what --dry-run prints (redacted: it is a log line)."""
     cfg = plan.config
     lines = [f"Sweep {cfg.sweep.name!r}: {len(plan.trials)} trial(s), {cfg.sweep.search} search"
              + (", ASHA early stopping on the robust proxy" if cfg.sweep.asha else "")
@@ -124,4 +125,4 @@ def format_plan(plan: Plan) -> str:
         f"Scores: eval.protocol {cfg.eval.protocol} ({PROTOCOLS[cfg.eval.protocol]})",
     ]
     lines += [f"warning: {w}" for w in plan.warnings]
-    return "\n".join(lines)
+    return redact("\n".join(lines))

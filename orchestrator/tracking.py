@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from orchestrator.config import PROTOCOLS, Config, flatten, to_dict
+from orchestrator.redact import REDACTED, RedactingClient, is_secret_key, redact, redact_tree
 from trainables.units import eps_label
 
 DEFAULT_DB = "mlruns.db"
@@ -42,15 +43,6 @@ TAG_FAILURE = "failure"
 TAG_OVERRIDES = "trial_overrides"
 ROLE_SWEEP, ROLE_TRIAL = "sweep", "trial"
 
-REDACTED = "***"
-SECRET_KEY_WORDS = ("secret", "token", "password", "passwd", "access_key", "credential", "api_key", "private_key")
-# Query parameters whose values are credentials (S3/GCS/Azure presigned URLs, tokens, keys).
-_SECRET_QUERY = re.compile(
-    r"(?P<name>[?&;][^=&#;\s]*(?:signature|credential|token|key|secret|password|passwd|sig|auth)[^=&#;\s]*=)"
-    r"[^&#;\s]*",
-    re.IGNORECASE,
-)
-_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/?#@\s]+@")
 _BAD_METRIC_CHARS = re.compile(r"[^\w.\- /:]")
 
 # Short param names a trial gets on top of the flattened config (for the MLflow UI's columns).
@@ -88,30 +80,6 @@ def resolve_tracking_uri(config: Config, override_given: bool, cwd: str | Path |
 
 # ---------------------------------------------------------------------------------------------
 # Secrets
-
-
-def redact(value: str) -> str:
-    """Remove credentials from text: `scheme://user:pass@host` -> `scheme://***@host`, and the values of
-    query parameters such as X-Amz-Signature, X-Amz-Credential, token=, key=, sig= become ***."""
-    text = _USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", str(value))
-    return _SECRET_QUERY.sub(lambda m: f"{m.group('name')}{REDACTED}", text)
-
-
-def is_secret_key(key: str) -> bool:
-    """Whether a config/param key names a secret (its value is never logged)."""
-    lowered = key.lower()
-    return any(word in lowered for word in SECRET_KEY_WORDS)
-
-
-def redact_tree(tree: Any) -> Any:
-    """A copy of a nested mapping/list with secret-named keys' values as *** and every string redacted."""
-    if isinstance(tree, Mapping):
-        return {k: (REDACTED if is_secret_key(str(k)) and v is not None else redact_tree(v)) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [redact_tree(v) for v in tree]
-    if isinstance(tree, str):
-        return redact(tree)
-    return tree
 
 
 def param_value(key: str, value: Any) -> str:
@@ -211,7 +179,7 @@ def _now_ms() -> int:
 
 
 def _warn(message: str) -> None:
-    print(f"tracking: {message}", file=sys.stderr, flush=True)
+    print(redact(f"tracking: {message}"), file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,7 +211,7 @@ class SweepTracker:
         self.tracking_uri = tracking_uri
         self.config = config
         self.resume = resume
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = RedactingClient(MlflowClient(tracking_uri=tracking_uri))
         self._lock = threading.RLock()
         self._children: dict[str, str] = {}
         self.experiment_id = self._experiment()
@@ -295,8 +263,8 @@ class SweepTracker:
                 if (tags.get(TAG_SWEEP) == sweep.name and tags.get(TAG_STORAGE) == storage
                         and run.info.status != "FINISHED"):
                     run_id = run.info.run_id
-                    print(f"tracking: resuming MLflow parent run {run_id} ({run.info.status}) of sweep "
-                          f"{sweep.name!r}", flush=True)
+                    print(redact(f"tracking: resuming MLflow parent run {run_id} ({run.info.status}) of sweep "
+                                 f"{sweep.name!r}"), flush=True)
                     if run.info.status != "RUNNING":
                         self.client.update_run(run_id, status="RUNNING")
                     for child in self._search(f"tags.{TAG_PARENT} = '{run_id}'"):
@@ -308,7 +276,7 @@ class SweepTracker:
                   "starting a new one")
         tags = {TAG_ROLE: ROLE_SWEEP, TAG_SWEEP: sweep.name, TAG_STORAGE: storage}
         run = self.client.create_run(self.experiment_id, run_name=sweep.name, tags=tags)
-        print(f"tracking: MLflow parent run {run.info.run_id} for sweep {sweep.name!r}", flush=True)
+        print(redact(f"tracking: MLflow parent run {run.info.run_id} for sweep {sweep.name!r}"), flush=True)
         return run.info.run_id
 
     def _log_params(self, run_id: str, params: Mapping[str, str]) -> None:
@@ -341,7 +309,7 @@ class SweepTracker:
                         TAG_OVERRIDES: redact(json.dumps(redact_tree(dict(overrides)), sort_keys=True, default=str))}
                 run_id = self.client.create_run(self.experiment_id, run_name=trial_name, tags=tags).info.run_id
                 self._children[trial_name] = run_id
-                print(f"tracking: MLflow run {run_id} for trial {trial_name!r}", flush=True)
+                print(redact(f"tracking: MLflow run {run_id} for trial {trial_name!r}"), flush=True)
             else:
                 run = self.client.get_run(run_id)
                 if run.info.status in ("FAILED", "KILLED"):
@@ -459,7 +427,7 @@ class SweepTracker:
         if table:
             self.client.log_figure(self.parent_run_id, sweep_curves(table, eps), "sea_miou_per_trial.png")
         self.client.set_terminated(self.parent_run_id, status=status)
-        print(f"tracking: sweep {self.config.sweep.name!r} {status}: {len(table)} trial(s) in MLflow run "
+        print(f"tracking: sweep {redact(repr(self.config.sweep.name))} {status}: {len(table)} trial(s) in MLflow run "
               f"{self.parent_run_id}", flush=True)
         return table
 

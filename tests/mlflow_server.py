@@ -1,4 +1,5 @@
-"""A real `mlflow server` process on 127.0.0.1 for tests (HTTP tracking URI), always stopped afterwards."""
+"""A real `mlflow server` process on 127.0.0.1 for tests (HTTP tracking URI), always stopped afterwards;
+optionally behind MLflow's basic-auth app, started the way the cluster starts it (orchestrator.mlflow_auth)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,18 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from .conftest import _free_port
+from .conftest import REPO, _free_port
 
 
 @contextlib.contextmanager
-def mlflow_server(tmp_path: Path, artifacts_destination: str, timeout: float = 90.0) -> Iterator[str]:
+def mlflow_server(tmp_path: Path, artifacts_destination: str, timeout: float = 90.0, *,
+                  secret_file: Path | None = None, state_dir: Path | None = None) -> Iterator[str]:
     """Start `mlflow server` with a SQLite backend in `tmp_path` and the given artifact destination
     (a folder or s3://...; the server proxies artifact uploads); yields its http:// URI once /health
-    answers. The server runs in its own process group, which is terminated on exit."""
+    answers. The server runs in its own process group, which is terminated on exit.
+
+    With `secret_file`, the server is MLflow's basic-auth app started through
+    `python -m orchestrator.mlflow_auth serve` (admin password = the secret, auth state in `state_dir`)."""
     port = _free_port()
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -28,7 +33,12 @@ def mlflow_server(tmp_path: Path, artifacts_destination: str, timeout: float = 9
     command = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
                "--artifacts-destination", artifacts_destination, "--workers", "1"]
-    with open(log_path, "w") as log:
+    if secret_file is not None:
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        command = [sys.executable, "-m", "orchestrator.mlflow_auth", "serve", "--secret-file", str(secret_file),
+                   "--state-dir", str(state_dir or tmp_path / "auth"), "--", *command[:2], "--app-name", "basic-auth",
+                   *command[2:]]
+    with open(log_path, "a") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
                                 start_new_session=True)
         url = f"http://127.0.0.1:{port}"

@@ -1,5 +1,6 @@
 """Cluster configs: the launcher YAMLs pass Ray's own schema, autoscale GPU workers, install the project
-and turn on token auth; the KubeRay RayJob runs a real script and config that pass --dry-run."""
+and turn on token auth; the KubeRay RayJob runs a real script and config that pass --dry-run; the MLflow
+server of every setup requires authentication and no secret is written into a configuration file."""
 
 from __future__ import annotations
 
@@ -15,17 +16,22 @@ import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from orchestrator import mlflow_auth
 from orchestrator.config import load_config
+from orchestrator.redact import is_secret_key
 
 from .conftest import PYTHON, REPO
 
 CLUSTERS = REPO / "experiments" / "clusters"
 LAUNCHER_YAMLS = [CLUSTERS / "aws.yaml", CLUSTERS / "gcp.yaml"]
 RAYJOB = CLUSTERS / "kuberay-rayjob.yaml"
+MLFLOW_MANIFEST = CLUSTERS / "kuberay-mlflow.yaml"
 DOCKERFILE = CLUSTERS / "Dockerfile"
 DOCS = REPO / "docs" / "cluster.md"
 RECIPES = sorted(p for p in (REPO / "experiments" / "configs").glob("*.yaml") if p.stem != "demo")
 TOKEN_FILE = "~/.ray/auth_token"
+MLFLOW_SECRET_FILE = "~/.pir-at-ray/mlflow_password"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def load(path: Path) -> dict:
@@ -241,6 +247,178 @@ def test_rayjob_entrypoint_is_a_real_script_and_config_that_pass_dry_run(repo_en
 
 
 # ---------------------------------------------------------------------------------------------
+# Security: the MLflow server requires authentication, and no configuration file holds a secret
+
+
+def launcher_commands(config: dict) -> list[str]:
+    """Every shell command of a launcher config (top-level and per node type), whitespace-normalised."""
+    lists = [config.get(k) or [] for k in config if k.endswith("_commands")]
+    for node in config["available_node_types"].values():
+        lists += [node.get(k) or [] for k in node if k.endswith("_commands")]
+    return [" ".join(c.split()) for commands in lists for c in commands]
+
+
+def mlflow_wrapper_args(command: str) -> list[str]:
+    """The arguments of `python -m orchestrator.mlflow_auth` in a shell command, up to a redirection."""
+    tokens = shlex.split(command.split("-m orchestrator.mlflow_auth", 1)[1])
+    end = next((i for i, t in enumerate(tokens) if t[:1] in (">", "&", ")") or t[:2] in ("2>", "1>")), len(tokens))
+    return tokens[:end]
+
+
+def server_host(args: list[str]) -> str:
+    """The interface an `mlflow server` argv binds (MLflow's default is 127.0.0.1)."""
+    for i, arg in enumerate(args):
+        if arg in ("--host", "-h") and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--host="):
+            return arg.split("=", 1)[1]
+    return "127.0.0.1"
+
+
+@pytest.mark.parametrize("path", LAUNCHER_YAMLS, ids=lambda p: p.stem)
+def test_launcher_mlflow_server_is_never_reachable_without_authentication(path):
+    servers = [c for c in launcher_commands(load(path)) if re.search(r"\bmlflow (server|ui)\b", c)]
+    assert servers, f"{path.name}: no MLflow server command"
+    for command in servers:
+        argv = shlex.split(command.split("mlflow server", 1)[1].split(">", 1)[0])
+        if server_host(argv) in LOOPBACK:
+            continue
+        # Listening beyond loopback: only MLflow's basic-auth app, started by the wrapper that sets its
+        # admin password from the mounted secret (MLflow's own default would refuse to start or be known).
+        assert "-m orchestrator.mlflow_auth serve" in command, command
+        args = mlflow_auth.build_parser().parse_args(mlflow_wrapper_args(command))
+        assert args.action == "serve" and args.secret_file == MLFLOW_SECRET_FILE, command
+        assert args.command[0] == "--"
+        mlflow_auth.check_server_command(args.command[1:])  # raises unless `mlflow server --app-name basic-auth`
+        assert "--disable-security-middleware" not in command and "--allowed-hosts '*'" not in command
+
+
+@pytest.mark.parametrize("path", LAUNCHER_YAMLS, ids=lambda p: p.stem)
+def test_every_node_authenticates_to_mlflow_with_the_mounted_secret(path):
+    config = load(path)
+    assert config["file_mounts"][MLFLOW_SECRET_FILE] == MLFLOW_SECRET_FILE, "the secret must reach every node"
+    assert any(MLFLOW_SECRET_FILE in c and "exit 1" in c for c in config["setup_commands"]), \
+        "a missing MLflow secret must stop setup"
+    exports = (f"export MLFLOW_TRACKING_USERNAME={mlflow_auth.DEFAULT_USERNAME};",
+               f'export MLFLOW_TRACKING_PASSWORD="$(cat {MLFLOW_SECRET_FILE})";')
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [" ".join(c.split()) for c in config[key] if "ray start" in c]
+        assert len(starts) == 1, key
+        head, _ = starts[0].split("ray start", 1)
+        assert all(e in head for e in exports), f"{key}: Ray's processes must inherit the MLflow credentials"
+
+
+SECRET_ASSIGNMENT = re.compile(r"\b([A-Z][A-Z0-9_]*)=(\"\$\(cat [^)]*\)\"|\S+)")
+FROM_FILE = re.compile(r"\"\$\(cat [^)\s]+\)\"")
+
+
+def repository_yamls() -> list[Path]:
+    return sorted(p for p in REPO.rglob("*.y*ml") if ".venv" not in p.parts and ".cache" not in p.parts
+                  and p.suffix in (".yaml", ".yml"))
+
+
+def _strings(node):
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from _strings(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _strings(value)
+    elif isinstance(node, str):
+        yield node
+
+
+def _env_lists(node):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "env" and isinstance(value, list):
+                yield value
+            yield from _env_lists(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _env_lists(value)
+
+
+@pytest.mark.parametrize("path", repository_yamls(), ids=lambda p: str(p.relative_to(REPO)))
+def test_no_secret_value_in_a_repository_yaml(path):
+    text = path.read_text()
+    assert "password1234" not in text and "admin_password" not in text
+    documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    for string in _strings(documents):
+        # Shell: a secret-named variable gets its value from a file at run time, never inline.
+        for name, value in SECRET_ASSIGNMENT.findall(string):
+            if is_secret_key(name) and not name.endswith(("_MODE", "_PATH", "_FILE")):
+                assert FROM_FILE.fullmatch(value), f"{path.name}: {name} is set inline"
+        if "env_vars:" in string:  # an embedded runtime_env, which the Ray dashboard shows
+            env_vars = yaml.safe_load(string).get("env_vars") or {}
+            assert not [k for k in env_vars if is_secret_key(k)], f"{path.name}: secret in a runtime env"
+    for env in _env_lists(documents):
+        for entry in env:
+            if is_secret_key(entry["name"]) and not entry["name"].endswith("_MODE"):
+                assert "value" not in entry and "secretKeyRef" in entry["valueFrom"], (path.name, entry["name"])
+
+
+def manifest() -> dict[str, dict]:
+    return {d["kind"]: d for d in yaml.safe_load_all(MLFLOW_MANIFEST.read_text()) if d}
+
+
+def test_kuberay_mlflow_server_requires_authentication_and_stays_inside_the_cluster():
+    docs = manifest()
+    assert set(docs) == {"PersistentVolumeClaim", "Deployment", "Service"}
+    service = docs["Service"]
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP", "never a LoadBalancer or NodePort"
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    argv = container["command"]
+    assert argv[:3] == ["python", "-m", "orchestrator.mlflow_auth"]
+    args = mlflow_auth.build_parser().parse_args(argv[3:])
+    server = mlflow_auth.check_server_command(args.command[1:])
+    assert server_host(server) == "0.0.0.0"
+    port = service["spec"]["ports"][0]["port"]
+    assert f"{service['metadata']['name']}:{port}" in server[server.index("--allowed-hosts") + 1].split(",")
+    # The secret file is the mounted Kubernetes secret, the same the RayJob's pods read.
+    mount = next(m for m in container["volumeMounts"] if args.secret_file.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    secret_key = args.secret_file.rsplit("/", 1)[1]
+    assert (volume["secret"]["secretName"], secret_key) == mlflow_password_ref()
+    assert f"kubectl create secret generic {volume['secret']['secretName']} --from-file={secret_key}=" in \
+        MLFLOW_MANIFEST.read_text()
+    assert container["image"] == ray_containers(rayjob())["head"]["image"]
+    assert any(d.replace(" ", "").startswith("mlflow[auth]") for d in project_dependencies()), \
+        "the image must install MLflow's basic-auth app (mlflow[auth])"
+
+
+def mlflow_password_ref() -> tuple[str, str]:
+    """(secret name, key) of MLFLOW_TRACKING_PASSWORD, the same in every RayJob container that runs project code."""
+    refs = set()
+    for name, container in ray_containers(rayjob()).items():
+        if name == "submitter":
+            continue
+        env = {e["name"]: e for e in container["env"]}
+        assert env["MLFLOW_TRACKING_USERNAME"]["value"] == mlflow_auth.DEFAULT_USERNAME, name
+        ref = env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        refs.add((ref["name"], ref["key"]))
+    assert len(refs) == 1, refs
+    return refs.pop()
+
+
+def test_rayjob_logs_to_the_authenticated_server_with_the_secret():
+    job = rayjob()
+    secret = mlflow_password_ref()
+    assert secret[0] != "pir-at-ray-token", "the MLflow password and the Ray token are different secrets"
+    service = manifest()["Service"]
+    runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    assert runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == \
+        f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+
+
+def project_dependencies() -> list[str]:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+
+
+# ---------------------------------------------------------------------------------------------
 # Documentation
 
 
@@ -252,10 +430,10 @@ def _placeholder_keys(node, key: str = "") -> set[str]:
     return {key} if isinstance(node, str) and "PLACEHOLDER" in node else set()
 
 
-@pytest.mark.parametrize("path", [*LAUNCHER_YAMLS, RAYJOB], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [*LAUNCHER_YAMLS, RAYJOB, MLFLOW_MANIFEST], ids=lambda p: p.name)
 def test_docs_name_every_placeholder_to_edit(path):
     docs = DOCS.read_text()
-    config = load(path) if path != RAYJOB else rayjob()
+    config = {RAYJOB: rayjob, MLFLOW_MANIFEST: manifest}.get(path, lambda: load(path))()
     if path == RAYJOB:  # placeholders inside the embedded runtime_env YAML and the entrypoint
         config = copy.deepcopy(config)
         config["spec"]["runtimeEnvYAML"] = yaml.safe_load(config["spec"]["runtimeEnvYAML"])
