@@ -167,6 +167,24 @@ class SweepConfig(_Section):
         return value
 
 
+# Names `sea.extra_attacks` and `sea.defense` accept (trainables.attacks.baselines and trainables.defense run them).
+EXTRA_ATTACKS = ("fgsm", "ifgsm", "least-likely")
+SEA_DEFENSES = ("nlm", "nlm-bpda")
+
+
+def _names(value: Any, valid: tuple[str, ...], what: str) -> list[str]:
+    """A list of distinct names from `valid`: null is none, one name a list of one; else a one-line error."""
+    names = [] if value is None else [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"must be null, one of {', '.join(valid)}, or a list of them")
+    for name in names:
+        if name not in valid:
+            raise ValueError(f"{name!r} is not {what}; valid: {', '.join(valid)} (or a list of them; [] for none)")
+    if len(set(names)) != len(names):
+        raise ValueError(f"lists {what} twice")
+    return names
+
+
 class SeaConfig(_Section):
     eps: list[float] = Field(default_factory=lambda: [4.0, 8.0], description=UNITS_255)
     iterations: int = Field(300, ge=1, description="APGD iterations per loss")
@@ -180,6 +198,41 @@ class SeaConfig(_Section):
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
     seed: int = 0
+    extra_attacks: list[str] = Field(
+        default_factory=list,
+        description="baseline attacks of the panoptic seed, each run at every sea.eps on the SEA images and logged "
+                    "per trial as extra_{attack}_{miou,aacc,...}_eps{E}: fgsm (one signed-gradient step of ε), ifgsm "
+                    "(step 1/255, min(ε + 4, 1.25ε) iterations, ε in 1/255), least-likely (the same schedule, "
+                    "descending CE towards each pixel's least likely clean class); [] for none",
+    )
+    extra_in_worst: bool = Field(
+        False, description="true: the extra attacks also join SEA's per-image worst case (sea_{miou,aacc,...}_eps{E}); "
+                           "false: they are scored apart and SEA's worst case is its ensemble's alone",
+    )
+    defense: list[str] = Field(
+        default_factory=list,
+        description="null, nlm, nlm-bpda or a list of them: the model behind the non-local-means front end (OpenCV's "
+                    "coloured NLM, 10/10/7/21) is also scored, clean, under SEA's ensemble and under the extra "
+                    "attacks, and logged as defense_{d}_clean_{score}, defense_{d}_sea_..., defense_{d}_extra_...; "
+                    "the undefended numbers stay as they are. nlm: the attack points found on the bare model, "
+                    "scored through the filter (non-adaptive); nlm-bpda: attacks through the filter with an identity "
+                    "gradient (BPDA, the honest evaluation), costing one NLM pass (about 1 s per 473x473 image on a "
+                    "CPU core) per attack iteration",
+    )
+    defense_iterations: Optional[int] = Field(
+        None, ge=1, description="APGD iterations per loss of SEA through the nlm-bpda defence (null: sea.iterations); "
+                                "nlm reuses the bare model's attack points and runs no attack of its own",
+    )
+
+    @field_validator("extra_attacks", mode="before")
+    @classmethod
+    def _extra_attacks(cls, value: Any) -> list[str]:
+        return _names(value, EXTRA_ATTACKS, "an extra attack")
+
+    @field_validator("defense", mode="before")
+    @classmethod
+    def _defense(cls, value: Any) -> list[str]:
+        return _names(value, SEA_DEFENSES, "a defence")
 
     @field_validator("eps")
     @classmethod
@@ -202,6 +255,13 @@ class SeaConfig(_Section):
     def _actors(self) -> SeaConfig:
         if self.min_actors > self.max_actors:
             raise ValueError(f"min_actors ({self.min_actors}) must be <= max_actors ({self.max_actors})")
+        return self
+
+    @model_validator(mode="after")
+    def _extra_in_worst(self) -> SeaConfig:
+        if self.extra_in_worst and not self.extra_attacks:
+            raise ValueError("extra_in_worst = true needs attacks in extra_attacks (it is empty); "
+                             f"list some of {', '.join(EXTRA_ATTACKS)} or set extra_in_worst: false")
         return self
 
 

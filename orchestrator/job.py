@@ -118,7 +118,7 @@ def _score_trial(tracker, run_id: str, outcome) -> None:
         sea = scored[checkpoint]
         first = next(iter(sea.by_eps.values()))
         tracker.log_result(
-            run_id, clean=first["clean"], sea=sea.by_eps, prefix=prefix,
+            run_id, clean=first["clean"], sea=sea.by_eps, prefix=prefix, groups=sea.groups,
             train_hours=float(metrics.get("train_hours", 0.0)),
             attack_hours=float(metrics.get("attack_hours", 0.0)) + sum(o.seconds for o in scored.values()) / 3600.0,
             checkpoint_uri=checkpoint,

@@ -91,6 +91,27 @@ def scaling_text(config: Config) -> str:
     )
 
 
+def sea_extras_text(config: Config) -> list[str]:
+    """The plan's lines on the extra attacks and the defences scored beside SEA (sea.extra_attacks, sea.defense)."""
+    sea = config.sea
+    lines = ["  extra attacks: none"]
+    if sea.extra_attacks:
+        where = ("also in SEA's worst case (sea.extra_in_worst)" if sea.extra_in_worst
+                 else "scored apart, not in SEA's worst case")
+        lines = [f"  extra attacks: {', '.join(sea.extra_attacks)} at every eps on the SEA images, logged as "
+                 f"extra_{{attack}}_*; {where}"]
+    attacks = "SEA's ensemble" + (" and the extra attacks" if sea.extra_attacks else "")
+    for defense in sea.defense:
+        how = ("attack points found on the bare model (non-adaptive)" if defense == "nlm"
+               else f"attacks through the filter with BPDA (SEA: {sea.defense_iterations or sea.iterations} "
+                    "iterations)")
+        lines.append(f"  defence {defense}: the model behind non-local-means denoising scored clean and under "
+                     f"{attacks}, {how}; logged as defense_{defense}_*")
+    if not sea.defense:
+        lines.append("  defence: none")
+    return lines
+
+
 def format_plan(plan: Plan) -> str:
     """Human-readable plan: what --dry-run prints (redacted: it is a log line)."""
     cfg = plan.config
@@ -122,6 +143,7 @@ def format_plan(plan: Plan) -> str:
         f"losses {', '.join(cfg.sea.losses)}, images {cfg.sea.images or 'all val'}, "
         f"{cfg.sea.min_actors}-{cfg.sea.max_actors} actors "
         f"x ({cfg.sea.cpus_per_actor:g} CPU, {cfg.sea.gpus_per_actor:g} GPU)",
+        *sea_extras_text(cfg),
         f"Scores: eval.protocol {cfg.eval.protocol} ({PROTOCOLS[cfg.eval.protocol]})",
     ]
     lines += [f"warning: {w}" for w in plan.warnings]

@@ -1,6 +1,7 @@
 """SEA scoring of a checkpoint by an autoscaling pool of Ray actors (Ray Data `map_batches` + ActorPoolStrategy).
 
-Each actor loads the checkpoint once and runs `trainables.attacks.sea` for every ε on its batches; the
+Each actor loads the checkpoint once and runs `trainables.attacks.sea` for every ε on its batches (with the
+extra attacks and the defended model when `sea.extra_attacks` and `sea.defense` ask for them); the
 per-image results come back to the driver, which combines them with `aggregate` in image-id order (the val
 list's order for VOC and ADE20K, as the paper's greedy mIoU walks it). A dead actor is restarted by Ray Data
 and its batch retried; results are keyed by (ε, image id) so each image counts once. The val images are
@@ -24,6 +25,7 @@ import ray
 from data.classes import VOC_CLASSES
 from data.pipeline import val_collate, val_dataset
 from orchestrator.config import Config, to_dict
+from orchestrator.tracking import EXTRA_GROUP, SEA_GROUP, score_group
 from trainables.units import eps_label
 
 
@@ -36,6 +38,8 @@ class SeaOutcome:
     seconds: float
     examples: dict[str, np.ndarray] | None = None
     scored_by: set[int] = field(default_factory=set)  # process ids of the actors whose results were used
+    # the scores beside SEA's by score group (orchestrator.tracking.score_group), each as by_eps: extra, defense_*
+    groups: dict[str, dict[float, dict[str, dict[str, float]]]] = field(default_factory=dict)
 
 
 def image_key(image_id: str) -> int:
@@ -53,10 +57,17 @@ def eval_view(config: Config) -> dict[str, Any]:
 
 
 def score_batch(model, tensors: dict[str, Any], sea_settings: dict[str, Any], num_classes: int, *, device,
-                return_adv: bool = False) -> list:
-    """SEA results (one per ε of sea_settings, in its order) of a val_collate batch, scored as its rows say:
-    at the original label sizes when the batch carries them (eval.protocol full), else against its labels."""
+                return_adv: bool = False) -> list[dict[str, Any]]:
+    """Results of a val_collate batch at each ε of sea_settings (in its order), one `SeaResult` per score group
+    (`score_group`): "sea" (SEA's ensemble), "extra" (sea_settings' extra_attacks, scored apart) and per
+    defence d of its `defense` list "defense_{d}_sea" and "defense_{d}_extra". With extra_in_worst the extra
+    attacks also join each SEA group, so its worst case covers them; SEA through nlm-bpda runs
+    defense_iterations when set. Scored as the rows say: at the original label sizes when the batch carries
+    them (eval.protocol full), else against its labels. return_adv keeps the "sea" group's attack points at
+    the largest ε (for the example images)."""
     from trainables.attacks import ScoreAt, sea
+    from trainables.attacks.baselines import baselines, merge_results, score_points
+    from trainables.defense import defended_models
     from trainables.units import to_unit
 
     x, y = tensors["image"].to(device), tensors["label"].to(device)
@@ -64,10 +75,43 @@ def score_batch(model, tensors: dict[str, Any], sea_settings: dict[str, Any], nu
     if "score_label" in tensors:
         score_at = ScoreAt(tensors["score_label"], tensors["score_size"], tensors["content"])
     keys = [image_key(i) for i in tensors["id"]]
-    return [sea(model, x, y, eps=to_unit(eps), num_classes=num_classes, n_iter=sea_settings["iterations"],
-                losses=tuple(sea_settings["losses"]), ids=keys, seed=sea_settings["seed"],
-                return_adv=return_adv and eps == max(sea_settings["eps"]), score_at=score_at)
-            for eps in sea_settings["eps"]]
+    extras = tuple(sea_settings.get("extra_attacks") or ())
+    defenses = tuple(sea_settings.get("defense") or ())
+    in_worst = bool(sea_settings.get("extra_in_worst", False))
+    if in_worst and not extras:
+        raise ValueError("score_batch: extra_in_worst = true needs extra_attacks (none given)")
+    out = []
+    for eps in sea_settings["eps"]:
+        examples = return_adv and eps == max(sea_settings["eps"])
+        keep = examples or "nlm" in defenses  # the non-adaptive defence scores the bare model's points again
+        common = {"eps": to_unit(eps), "num_classes": num_classes, "ids": keys, "score_at": score_at}
+        groups: dict[str, Any] = {}
+        for defense in (None, *defenses):
+            sea_group, extra_group = score_group(SEA_GROUP, defense), score_group(EXTRA_GROUP, defense)
+            if defense == "nlm":  # the bare model's attack points (computed above), scored through the filter
+                defended = defended_models(model, defense)[1]
+                groups[sea_group] = score_points(defended, x, y, groups[SEA_GROUP].adv, defense=defense, **common)
+                if extras:
+                    groups[extra_group] = score_points(defended, x, y, groups[EXTRA_GROUP].adv, defense=defense,
+                                                       **common)
+                continue
+            iterations = sea_settings["iterations"] if defense is None else (
+                sea_settings.get("defense_iterations") or sea_settings["iterations"])
+            groups[sea_group] = sea(model, x, y, n_iter=iterations,
+                                    losses=tuple(sea_settings["losses"]), seed=sea_settings["seed"],
+                                    return_adv=keep and defense is None, defense=defense, **common)
+            if extras:
+                groups[extra_group] = baselines(model, x, y, attacks=extras, defense=defense,
+                                                return_adv=keep and defense is None, **common)
+        if in_worst:
+            for defense in (None, *defenses):
+                sea_group = score_group(SEA_GROUP, defense)
+                groups[sea_group] = merge_results(groups[sea_group], groups[score_group(EXTRA_GROUP, defense)])
+        for group, result in groups.items():
+            if not (examples and group == SEA_GROUP):
+                result.adv = None
+        out.append(groups)
+    return out
 
 
 class SeaScorer:
@@ -103,14 +147,15 @@ class SeaScorer:
         out: dict[str, list] = {"eps": [], "ids": [], "result": [], "examples": [], "pid": []}
         results = score_batch(self.model, tensors, self.sea, self.num_classes, device=self.device,
                               return_adv=bool(wanted))
-        for eps, result in zip(self.sea["eps"], results, strict=True):
+        for eps, groups in zip(self.sea["eps"], results, strict=True):
             examples = None
+            result = groups[SEA_GROUP]
             if result.adv is not None:
                 examples = self._examples(result, x, y, wanted)
             result.adv = None
             out["eps"].append(float(eps))
             out["ids"].append(",".join(ids))
-            out["result"].append(pickle.dumps(result))
+            out["result"].append(pickle.dumps(groups))
             out["examples"].append(pickle.dumps(examples))
             out["pid"].append(os.getpid())
         return {k: np.asarray(v, dtype=object) for k, v in out.items()}
@@ -140,10 +185,27 @@ def in_id_order(results: dict[tuple[float, str], Any]) -> dict[tuple[float, str]
             for (eps, joined), r in results.items()}
 
 
-def score_checkpoint(config: Config, checkpoint_path: str, *, label: str = "", examples: int = 4) -> SeaOutcome:
-    """Score one checkpoint with SEA on the val shards for every `sea.eps`; prints progress per ε."""
+def combine(results: dict[tuple[float, str], dict[str, Any]], num_classes: int,
+            extra_attacks: tuple[str, ...] = ()) -> dict[str, dict[float, dict[str, dict[str, float]]]]:
+    """Scores per score group and ε (`aggregate`) of the batches' results (keyed by ε and comma-joined image ids),
+    each group walked in image-id order. A SEA group that took the extra attacks into its worst case keeps that
+    worst case but not their single scores, which its extra group holds."""
     from trainables.attacks import aggregate
 
+    out: dict[str, dict[float, dict[str, dict[str, float]]]] = {}
+    for group in sorted({g for groups in results.values() for g in groups}):
+        in_order = in_id_order({key: groups[group] for key, groups in results.items()})
+        drop = () if group.endswith(EXTRA_GROUP) else extra_attacks
+        out[group] = {}
+        for eps in sorted({e for e, _ in in_order}):
+            scores = aggregate([r for (e, _), r in sorted(in_order.items()) if e == eps], num_classes)
+            out[group][eps] = {name: v for name, v in scores.items() if name not in drop}
+    return out
+
+
+def score_checkpoint(config: Config, checkpoint_path: str, *, label: str = "", examples: int = 4) -> SeaOutcome:
+    """Score one checkpoint with SEA (and the extra attacks and defences `sea` asks for) on the val shards for
+    every `sea.eps`; prints progress per ε."""
     sea = config.sea
     from orchestrator.train import shard_uris
 
@@ -176,21 +238,20 @@ def score_checkpoint(config: Config, checkpoint_path: str, *, label: str = "", e
                 continue
             results[key] = pickle.loads(blob)
             scored_by.add(int(pid))
-            done[float(eps)] += len(results[key])
+            done[float(eps)] += len(results[key][SEA_GROUP])
             examples = pickle.loads(ex)
             if examples is not None:
                 example_parts.append(examples)
         progress = ", ".join(f"eps {eps_label(e)}: {n}/{total}" for e, n in done.items())
         print(f"[sea{(' ' + label) if label else ''}] images scored {progress} "
               f"({time.time() - started:.0f}s)", file=sys.stderr, flush=True)
-    by_eps = {}
-    in_order = in_id_order(results)
     for eps, count in done.items():
         if count != total:
             raise RuntimeError(f"SEA scored {count} of {total} images at eps {eps_label(eps)}/255")
-        by_eps[eps] = aggregate([r for (e, _), r in sorted(in_order.items()) if e == eps], config.data.num_classes)
+    groups = combine(results, config.data.num_classes, tuple(sea.extra_attacks))
+    by_eps = groups.pop(SEA_GROUP)
     joined = None
     if example_parts:
         joined = {k: np.concatenate([p[k] for p in example_parts]) for k in example_parts[0]}
         joined["eps"] = max(sea.eps)
-    return SeaOutcome(by_eps, total, time.time() - started, joined, scored_by)
+    return SeaOutcome(by_eps, total, time.time() - started, joined, scored_by, groups)

@@ -7,6 +7,8 @@ twice: `sea_miou_eps{E}` is the strongest valid number, `sea_miou_greedy_eps{E}`
 the one comparable with its tables (under `eval.protocol: reference`). MLflow accepts '-' and
 '.' in metric names, so loss names are used as they are. Nothing secret is logged: URIs lose their
 user/password and credential query parameters, and values of secret-named keys become `***`.
+The extra attacks (`sea.extra_attacks`) are logged apart as `extra_{attack}_{score}_eps{E}`, a defended model
+(`sea.defense`) under the prefix `defense_{d}_`.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ BATCH = 100  # params/tags per log_batch request (MLflow's limit)
 FRACTION_SCORES = ("miou", "aacc", "macc", "miou_greedy", "miou_by_acc")
 # SEA's worst-case mIoU: the strongest valid number (the headline) and the paper's greedy walk.
 SEA_MIOU, SEA_MIOU_GREEDY = "sea_miou_eps", "sea_miou_greedy_eps"
+# Groups of final scores (`score_group`): SEA's, the extra attacks' apart, and each defence's two.
+SEA_GROUP, EXTRA_GROUP = "sea", "extra"
+_GROUP = re.compile(rf"{EXTRA_GROUP}|defense_(?P<defense>.+)_(?:{SEA_GROUP}|{EXTRA_GROUP})")
 
 
 def resolve_tracking_uri(config: Config, override_given: bool, cwd: str | Path | None = None) -> str:
@@ -140,32 +145,63 @@ def _score(name: str, score: str, value: Any) -> float:
     return number
 
 
-def final_metrics(clean: Mapping[str, Any], sea: Mapping[float, Mapping[str, Mapping[str, Any]]],
-                  train_hours: float, attack_hours: float) -> dict[str, float]:
-    """The final metric names and values of a trial (see SweepTracker.log_result)."""
+def score_group(kind: str, defense: str | None = None) -> str:
+    """The metric prefix of a group of scores: `sea` (SEA's ensemble and worst case) or `extra` (the extra
+    attacks, scored apart), and `defense_{d}_sea` / `defense_{d}_extra` for the model behind defence d."""
+    if kind not in (SEA_GROUP, EXTRA_GROUP):
+        raise ValueError(f"score group kind = {kind!r}; valid: {SEA_GROUP!r}, {EXTRA_GROUP!r}")
+    return kind if defense is None else f"defense_{defense}_{kind}"
+
+
+def _group_metrics(group: str, by_eps: Mapping[float, Mapping[str, Mapping[str, Any]]]) -> dict[str, float]:
+    """A group's metrics per ε: a SEA group logs its worst case, each attack and its clean images; an extra
+    group (its clean and worst are its SEA group's clean and not asked for) each attack only."""
     metrics: dict[str, float] = {}
-    for key, value in clean.items():
-        if as_number(value) is not None:
-            metrics[metric_key(f"clean_{key}")] = _score(f"clean[{key!r}]", key, value)
-    for eps in sorted(sea, key=float):
+    extra = group.endswith(EXTRA_GROUP)
+    for eps in sorted(by_eps, key=float):
         label = eps_label(float(eps))
-        scores = sea[eps]
-        if "worst" not in scores:
-            raise ValueError(f"sea[{label}] has no 'worst' entry (keys: {sorted(scores)}); pass the dict "
+        scores = by_eps[eps]
+        if not extra and "worst" not in scores:
+            raise ValueError(f"{group}[{label}] has no 'worst' entry (keys: {sorted(scores)}); pass the dict "
                              "returned by trainables.attacks.aggregate")
         for name, values in scores.items():
             if not isinstance(values, Mapping):
-                raise ValueError(f"sea[{label}][{name!r}] = {values!r}: must be a mapping like {{'miou': ...}}")
+                raise ValueError(f"{group}[{label}][{name!r}] = {values!r}: must be a mapping like {{'miou': ...}}")
+            if extra and name in ("worst", "clean"):
+                continue
             for score, value in values.items():
                 if as_number(value) is None:
                     continue
                 if name == "worst":
-                    key = f"sea_{score}_eps{label}"
-                elif name == "clean":
-                    key = f"sea_clean_{score}_eps{label}"
+                    key = f"{group}_{score}_eps{label}"
                 else:
-                    key = f"sea_{name}_{score}_eps{label}"
-                metrics[metric_key(key)] = _score(f"sea[{label}][{name!r}][{score!r}]", score, value)
+                    key = f"{group}_{name}_{score}_eps{label}"
+                metrics[metric_key(key)] = _score(f"{group}[{label}][{name!r}][{score!r}]", score, value)
+    return metrics
+
+
+def final_metrics(clean: Mapping[str, Any], sea: Mapping[float, Mapping[str, Mapping[str, Any]]],
+                  train_hours: float, attack_hours: float,
+                  groups: Mapping[str, Mapping[float, Mapping[str, Mapping[str, Any]]]] | None = None,
+                  ) -> dict[str, float]:
+    """The final metric names and values of a trial (see SweepTracker.log_result); `groups` holds the scores
+    beside SEA's (`score_group` names: extra, defense_{d}_sea, defense_{d}_extra), each as `sea` is."""
+    metrics: dict[str, float] = {}
+    for key, value in clean.items():
+        if as_number(value) is not None:
+            metrics[metric_key(f"clean_{key}")] = _score(f"clean[{key!r}]", key, value)
+    metrics.update(_group_metrics(SEA_GROUP, sea))
+    for group, by_eps in (groups or {}).items():
+        if group == SEA_GROUP or not _GROUP.fullmatch(group):
+            raise ValueError(f"score group {group!r}: must be {EXTRA_GROUP!r}, 'defense_{{d}}_{SEA_GROUP}' or "
+                             f"'defense_{{d}}_{EXTRA_GROUP}'")
+        metrics.update(_group_metrics(group, by_eps))
+        if group.endswith("_" + SEA_GROUP) and by_eps:  # the defended model's clean scores, as clean_* are
+            first = by_eps[min(by_eps, key=float)].get("clean", {})
+            prefix = group[:-len(SEA_GROUP)]
+            for score, value in first.items():
+                if as_number(value) is not None:
+                    metrics[metric_key(f"{prefix}clean_{score}")] = _score(f"{group} clean[{score!r}]", score, value)
     for name, value in (("train_hours", train_hours), ("attack_hours", attack_hours)):
         number = as_number(value)
         if number is None or number < 0:
@@ -329,11 +365,14 @@ class SweepTracker:
 
     def log_result(self, run_id: str, *, clean: Mapping[str, Any], sea: Mapping[float, Mapping[str, Any]],
                    train_hours: float, attack_hours: float, checkpoint_uri: str,
-                   prefix: str = "") -> dict[str, float]:
+                   prefix: str = "", groups: Mapping[str, Mapping[float, Mapping[str, Any]]] | None = None,
+                   ) -> dict[str, float]:
         """Final metrics (fractions in [0, 1], step 0): clean_{miou,aacc,...}; per SEA ε (1/255 units)
         sea_{miou,aacc,macc}_eps{E} (the worst case; sea_miou_eps{E} the strongest valid mIoU),
         sea_miou_greedy_eps{E} (the paper's greedy worst case), sea_{loss}_{score}_eps{E} per loss and
-        sea_clean_{score}_eps{E} (clean on the SEA images); train_hours, attack_hours. Artifacts:
+        sea_clean_{score}_eps{E} (clean on the SEA images); from `groups` (sea.extra_attacks, sea.defense)
+        extra_{attack}_{score}_eps{E}, and per defence d defense_{d}_clean_{score}, defense_{d}_sea_... as sea_...
+        and defense_{d}_extra_{attack}_{score}_eps{E}; train_hours, attack_hours. Artifacts:
         `checkpoint.txt` (the redacted checkpoint URI) and `sea_miou_vs_eps.png`. Returns the metrics.
         With a prefix (`final_`: the last epoch's checkpoint beside the selected one) every name carries it
         and only the metrics and a `{prefix}checkpoint_uri` tag are logged."""
@@ -341,7 +380,7 @@ class SweepTracker:
 
         from orchestrator.plots import sea_curve
 
-        metrics = {prefix + k: v for k, v in final_metrics(clean, sea, train_hours, attack_hours).items()}
+        metrics = {prefix + k: v for k, v in final_metrics(clean, sea, train_hours, attack_hours, groups).items()}
         stamp = _now_ms()
         location = redact(str(checkpoint_uri))
         self.client.log_batch(run_id, metrics=[Metric(k, v, stamp, 0) for k, v in metrics.items()],
@@ -441,31 +480,47 @@ def _numpy(array):
     return np.asarray(array)
 
 
+_FINAL = ("clean_", "sea_", f"{EXTRA_GROUP}_", "defense_")
+
+
 def _is_final(key: str) -> bool:
-    return key.startswith(("clean_", "sea_", "final_clean_", "final_sea_")) or key in ("train_hours", "attack_hours")
+    return key.startswith((*_FINAL, *(f"final_{p}" for p in _FINAL))) or key in ("train_hours", "attack_hours")
 
 
 _SEA_KEY = re.compile(
     r"sea_(?:(?P<name>.+)_)?(?P<score>miou|miou_greedy|miou_by_acc|aacc|macc)_eps(?P<eps>[0-9.e+-]+)")
 _SCORES = {"miou": 0, "miou_greedy": 1, "miou_by_acc": 2, "aacc": 3, "macc": 4}
+_OTHER_GROUP_KEY = re.compile(
+    rf"(?:defense_(?P<defense>.+?)_)?(?P<group>{SEA_GROUP}|{EXTRA_GROUP}|clean)_(?:(?P<name>.+)_)?"
+    r"(?P<score>miou|miou_greedy|miou_by_acc|aacc|macc)(?:_eps(?P<eps>[0-9.e+-]+))?")
+
+
+def _eps_of(match: re.Match) -> float:
+    try:
+        return float(match.group("eps"))
+    except ValueError:
+        return math.inf
 
 
 def _metric_order(key: str) -> tuple:
-    """Column order: clean scores, SEA worst case, SEA per loss, SEA's clean, hours; each by score then ε."""
+    """Column order: clean scores, SEA worst case, SEA per loss, SEA's clean, extra attacks, defences (clean,
+    SEA, extra attacks), hours; each by score then ε."""
     if key.startswith("clean_"):
         return (0, _SCORES.get(key[len("clean_"):], 9), 0.0, key)
     if key in ("train_hours", "attack_hours"):
-        return (5, 0 if key == "train_hours" else 1, 0.0, key)
+        return (7, 0 if key == "train_hours" else 1, 0.0, key)
     match = _SEA_KEY.fullmatch(key)
     if match is None:
-        return (4, 0, 0.0, key)
+        other = _OTHER_GROUP_KEY.fullmatch(key)
+        if other is None or (other.group("defense") is None and other.group("group") != EXTRA_GROUP):
+            return (6, 0, 0.0, key)
+        part = ("clean", SEA_GROUP, EXTRA_GROUP).index(other.group("group"))
+        eps = _eps_of(other) if other.group("eps") else 0.0
+        return (4 if other.group("defense") is None else 5, other.group("defense") or "", part,
+                _SCORES[other.group("score")], eps, other.group("name") or "")
     name = match.group("name")
     rank = 1 if name is None else 3 if name == "clean" else 2
-    try:
-        eps = float(match.group("eps"))
-    except ValueError:
-        eps = math.inf
-    return (rank, _SCORES[match.group("score")], eps, name or "")
+    return (rank, _SCORES[match.group("score")], _eps_of(match), name or "")
 
 
 def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -499,12 +554,38 @@ def summary_csv(rows: Sequence[Mapping[str, Any]]) -> str:
     return out.getvalue()
 
 
+def _group_notes(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """What the extra attacks' and the defences' columns are, naming those that ran (only when some did)."""
+    attacks, defenses = set(), set()
+    for row in rows:
+        for key in row:
+            match = _OTHER_GROUP_KEY.fullmatch(key)
+            if match is None:
+                continue
+            if match.group("defense") is not None:
+                defenses.add(match.group("defense"))
+            elif match.group("group") == EXTRA_GROUP and match.group("name"):
+                attacks.add(match.group("name"))
+    notes = []
+    if attacks:
+        notes.append(f"{EXTRA_GROUP}_{{attack}}_*: the extra attacks ({', '.join(sorted(attacks))}), run at every ε "
+                     "on the SEA images and scored apart; they enter SEA's worst case (sea_*) only where the trial's "
+                     "sea.extra_in_worst is true.")
+    if defenses:
+        notes.append(f"defense_{{d}}_* ({', '.join(sorted(defenses))}): the model behind the non-local-means filter, "
+                     "scored clean, under SEA and under the extra attacks; nlm: attack points found on the bare model "
+                     "(non-adaptive), nlm-bpda: attacks through the filter with BPDA (the honest number).")
+    return notes
+
+
 def summary_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """The headline columns as a Markdown table: settings, clean and worst-case SEA mIoU (the strongest and the
-    paper's greedy number); a note says what the two SEA numbers and the protocols measure. Times are left to
-    summary.csv and MLflow, so the same seed gives the same table."""
+    paper's greedy number), the extra attacks' and defences' mIoU when they ran; a note says what the two SEA
+    numbers, the protocols and those columns measure. Times are left to summary.csv and MLflow, so the same seed
+    gives the same table."""
     keep = [c for c in _columns(rows) if c in SUMMARY_COLUMNS or c in ("clean_miou", "clean_aacc")
-            or re.fullmatch(rf"(?:final_)?(?:{SEA_MIOU}|{SEA_MIOU_GREEDY})[\d.]+", c)]
+            or re.fullmatch(rf"(?:final_)?(?:{SEA_MIOU}|{SEA_MIOU_GREEDY})[\d.]+", c)
+            or re.fullmatch(rf"(?:{EXTRA_GROUP}_.+|defense_.+_{SEA_GROUP})_miou_eps[\d.]+|defense_.+_clean_miou", c)]
     lines = ["| " + " | ".join(keep) + " |", "|" + "---|" * len(keep)]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(k)).replace("|", "\\|") for k in keep) + " |")
@@ -517,5 +598,6 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         "Scores without a prefix are for the checkpoint selected on the held-out selection images (never the val "
         "images scored here); final_* for the last epoch's checkpoint.",
         *(f"protocol {name}: {text}." for name, text in PROTOCOLS.items()),
+        *_group_notes(rows),
     ]
     return "\n".join(lines) + "\n" + "\n".join(note) + "\n"

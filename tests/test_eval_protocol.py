@@ -144,7 +144,7 @@ def _scores(shards: str, protocol: str, model: nn.Module) -> tuple[dict, dict]:
     batches = list(val_dataset(f"{shards}/val", **view).iter_torch_batches(batch_size=2, collate_fn=val_collate))
     assert len(batches) == 1 and batches[0]["id"] == list(LABELS)
     results = score_batch(model, batches[0], SEA, config.data.num_classes, device=torch.device("cpu"))
-    return aggregate(results, config.data.num_classes), batches[0]
+    return aggregate([r["sea"] for r in results], config.data.num_classes), batches[0]
 
 
 def test_reference_protocol_scores_the_centre_crop_with_borders_as_background(ray_session, val_shards):
