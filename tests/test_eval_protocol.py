@@ -274,7 +274,7 @@ def test_strongest_and_greedy_worst_case_named_from_sea_to_the_summary(tmp_path,
     row = next(csv.DictReader(io.StringIO((local / "summary.csv").read_text())))
     assert row["protocol"] == "full" and float(row["sea_miou_greedy_eps4"]) == pytest.approx(7 / 12)
     markdown = (local / "summary.md").read_text()
-    header = markdown.splitlines()[0].split(" | ")
+    header = [c.strip() for c in markdown.splitlines()[0].strip("| ").split("|")]
     assert "protocol" in header and "sea_miou_eps4" in header and "sea_miou_greedy_eps4" in header
     assert "| full |" in markdown and "0.5238" in markdown and "0.5833" in markdown
     assert "sea_miou_greedy_eps{E}: the paper's greedy worst case; this is the number comparable" in markdown

@@ -269,7 +269,7 @@ def test_groups_are_combined_logged_and_summarised_by_name(model, tensors, tmp_p
         "defense_nlm-bpda_clean_miou") < order.index("defense_nlm-bpda_sea_miou_eps4") < order.index(
         "defense_nlm-bpda_extra_fgsm_miou_eps4") < order.index("train_hours")
     markdown = (local / "summary.md").read_text()
-    columns = markdown.splitlines()[0].split(" | ")
+    columns = [c.strip() for c in markdown.splitlines()[0].strip("| ").split("|")]
     assert {"extra_fgsm_miou_eps4", "extra_ifgsm_miou_eps4", "defense_nlm-bpda_clean_miou",
             "defense_nlm-bpda_sea_miou_eps4"} <= set(columns)
     assert "extra_{attack}_*: the extra attacks (fgsm, ifgsm), run at every ε" in markdown
