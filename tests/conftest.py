@@ -102,6 +102,19 @@ def demo_shards(tmp_path_factory) -> str:
     return str(shards)
 
 
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local 2-CPU Ray for one test module (Ray Data progress bars off); workers import this checkout."""
+    import ray
+
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
 # A token-authenticated Ray head on 127.0.0.1 for `ray job submit` tests (tests/ray_head.py).
 from .ray_head import ray_head  # noqa: E402, F401
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import numpy as np
 import pytest
@@ -14,19 +13,6 @@ from data.pipeline import ingest_config, load_train_rows, train_collate, train_d
 from data.prepare import prepare_split
 from data.shards import iter_samples
 from data.synthetic import generate_voc
-from tests.conftest import REPO
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -81,18 +80,6 @@ class FixedMap(nn.Module):
         if x.shape[2:] != self.logits.shape[1:]:
             raise ValueError(f"model input {tuple(x.shape[2:])}, the stub predicts {tuple(self.logits.shape[1:])}")
         return self.logits.expand(x.shape[0], -1, -1, -1) + 0 * x.mean()
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

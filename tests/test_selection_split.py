@@ -51,22 +51,15 @@ def test_selection_images_are_held_out_of_train_and_apart_from_sea(job_data):
     assert read_manifest(select_uri)["part"] == "select" and read_manifest(train_uri)["part"] == "rest"
 
 
-def test_the_training_pipeline_never_yields_a_selection_image(job_data):
-    import ray
-
+def test_the_training_pipeline_never_yields_a_selection_image(job_data, ray_session):
     from data.pipeline import load_train_rows, train_dataset
     from orchestrator.train import shard_uris
 
     train_uri, select_uri, _ = shard_uris(job_data)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
-    try:
-        rows = load_train_rows(train_uri)
-        seen = [i for epoch in (1, 2) for batch in
-                train_dataset(rows, crop_size=32, epoch=epoch).iter_batches(batch_size=8, batch_format="numpy")
-                for i in batch["id"]]
-    finally:
-        ray.shutdown()
+    rows = load_train_rows(train_uri)
+    seen = [i for epoch in (1, 2) for batch in
+            train_dataset(rows, crop_size=32, epoch=epoch).iter_batches(batch_size=8, batch_format="numpy")
+            for i in batch["id"]]
     assert len(seen) == 30 and not set(seen) & set(_ids(select_uri))
 
 
