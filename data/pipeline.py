@@ -124,7 +124,9 @@ def _val_rows(table: pa.Table, *, size: int, protocol: str = "fit", ignore_as: i
 class TrainRows:
     """The training split's encoded rows in Ray's object store: one object per shard, read and checked once.
 
-    Workers on a node share the node's copy (zero-copy reads), so an epoch in any order reads no file.
+    Workers on a node share the node's copy (zero-copy reads), so an epoch in any order reads no file. A node
+    that decodes pulls the shards it needs once (at most the whole encoded split: about 1.5 GB for VOC-aug,
+    3 GB for ADE20K), and every trial that runs at the same time holds its own copy.
     """
 
     uri: str
