@@ -171,6 +171,10 @@ class SeaConfig(_Section):
     losses: list[Literal["mce-bal", "mce", "js", "ce", "segpgd", "cospgd", "mask-sph"]] = Field(
         default_factory=lambda: ["mce-bal", "mce", "js"]
     )
+    track: Literal["ce", "own"] = Field(
+        "ce", description="what drives APGD's step sizes and restarts: ce (per-image cross-entropy, as the "
+        "reference code; stronger for the masked losses) or own (each attack loss); the gradient is the loss's"
+    )
     images: Optional[int] = Field(None, ge=1, description="cap on val images scored (None: all)")
     batch_size: int = Field(8, ge=1)
     min_actors: int = Field(1, ge=1)

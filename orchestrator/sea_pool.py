@@ -78,7 +78,7 @@ class SeaScorer:
             keep = bool(wanted) and eps == largest
             result = sea(self.model, x, y, eps=to_unit(eps), num_classes=self.num_classes,
                          n_iter=self.sea["iterations"], losses=tuple(self.sea["losses"]), ids=keys,
-                         seed=self.sea["seed"], return_adv=keep)
+                         seed=self.sea["seed"], return_adv=keep, track=self.sea["track"])
             examples = None
             if keep:
                 examples = self._examples(result, x, y, wanted)

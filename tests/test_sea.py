@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tests.segtoy import NUM_CLASSES
-from trainables.attacks import SeaResult, aggregate, sea
+from trainables.attacks import SeaResult, aggregate, apgd, sea
+from trainables.losses import TRACKS
 from trainables.metrics import intersection_union
 
 EPS = 8 / 255
@@ -16,9 +17,10 @@ LOSSES = ("mce-bal", "mce", "js")
 
 @pytest.fixture(scope="module")
 def result(model, batch):
+    """The paper's three losses, each tracking its own value (the ensemble before issue 13)."""
     x, y = batch
-    return sea(model, x, y, eps=EPS, num_classes=NUM_CLASSES, n_iter=50, seed=0, ids=torch.arange(8) * 10,
-               return_adv=True)
+    return sea(model, x, y, eps=EPS, num_classes=NUM_CLASSES, n_iter=50, losses=LOSSES, seed=0,
+               ids=torch.arange(8) * 10, return_adv=True, track="own")
 
 
 def test_worst_case_is_at_most_every_single_attack(result):
@@ -111,8 +113,10 @@ def test_same_seed_same_result(model, batch):
 
 def test_aggregate_rejects_results_that_do_not_belong_together(result):
     other = dataclasses.replace(result, losses=("mce",))
-    with pytest.raises(ValueError, match="differ in losses, eps or defense"):
+    with pytest.raises(ValueError, match="differ in losses, eps, defense or track"):
         aggregate([result, other], NUM_CLASSES)
+    with pytest.raises(ValueError, match=r"\(.*, ce\) vs \(.*, own\)"):
+        aggregate([result, dataclasses.replace(result, track="ce")], NUM_CLASSES)
     with pytest.raises(ValueError, match="duplicate image ids"):
         aggregate([result, result], NUM_CLASSES)
     with pytest.raises(ValueError, match="some results carry image ids"):
@@ -134,6 +138,7 @@ def test_aggregate_rejects_results_that_do_not_belong_together(result):
         ({"num_classes": 3}, r"label values \[3\] are outside \[0, 3\)"),
         ({"defense": "jpeg"}, "defense = 'jpeg'; valid: None, 'nlm', 'nlm-bpda'"),
         ({"ids": [1, 2]}, "ids must be 4 integers"),
+        pytest.param({"track": "best"}, "sea: unknown track 'best'; valid: ce, own", marks=pytest.mark.realpath),
     ],
 )
 def test_sea_rejects_bad_input(model, batch, kwargs, error):
@@ -147,3 +152,17 @@ def test_sea_rejects_images_outside_the_unit_range(model, batch):
     x, y = batch
     with pytest.raises(ValueError, match=r"images must lie in \[0, 1\]"):
         sea(model, x[:2] - 0.5, y[:2], eps=EPS, num_classes=NUM_CLASSES, n_iter=2)
+
+
+@pytest.mark.realpath
+def test_sea_runs_each_loss_with_the_tracking_asked_for(model, batch):
+    x, y = batch[0][:3], batch[1][:3]
+    runs = {track: sea(model, x, y, eps=EPS, num_classes=NUM_CLASSES, n_iter=10, losses=("js", "mce"), seed=2,
+                       return_adv=True, track=track) for track in TRACKS}
+    for track, r in runs.items():
+        assert r.track == track
+        for j, name in enumerate(("js", "mce")):
+            alone = apgd(model, x, y, eps=EPS, n_iter=10, loss=name, seed=2 + j, track=track)
+            assert torch.equal(r.adv[name], alone), (track, name)
+    assert not torch.equal(runs["ce"].adv["mce"], runs["own"].adv["mce"])
+
