@@ -442,7 +442,7 @@ class SweepTracker:
             else:
                 table.append(dict(clean))
         self.client.log_text(self.parent_run_id, summary_csv(table), "summary.csv")
-        self.client.log_text(self.parent_run_id, summary_markdown(table), "summary.md")
+        self.client.log_text(self.parent_run_id, summary_markdown(table, sea_ensemble(self.config)), "summary.md")
         eps = sorted({float(k.rsplit("_eps", 1)[1]) for row in table for k in row
                       if k.startswith("sea_miou_eps")})
         if table:
@@ -519,8 +519,17 @@ def summary_csv(rows: Sequence[Mapping[str, Any]]) -> str:
     return out.getvalue()
 
 
-def summary_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The headline columns as a Markdown table: settings, clean and worst-case SEA mIoU, hours."""
+def sea_ensemble(config: Config) -> str:
+    """The SEA ensemble a config runs, in words (for the summary)."""
+    sea = config.sea
+    track = "per-image cross-entropy" if sea.track == "ce" else "each loss itself"
+    return (f"APGD with red-ε, {sea.iterations} iterations for each of {', '.join(sea.losses)}; "
+            f"step sizes and restarts tracked by {track}")
+
+
+def summary_markdown(rows: Sequence[Mapping[str, Any]], ensemble: str | None = None) -> str:
+    """The headline columns as a Markdown table: settings, clean and worst-case SEA mIoU, hours; then notes,
+    naming the SEA ensemble when given (`sea_ensemble`)."""
     keep = [c for c in _columns(rows) if c in SUMMARY_COLUMNS or c in ("clean_miou", "clean_aacc",
                                                                         "train_hours", "attack_hours")
             or re.fullmatch(r"sea_miou_eps[\d.]+", c)]
@@ -528,4 +537,6 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(k)).replace("|", "\\|") for k in keep) + " |")
     note = "\nScores are fractions in [0, 1]; ε in units of 1/255; sea_miou_eps{E} is SEA's worst case.\n"
+    if ensemble:
+        note += f"SEA ensemble: {ensemble}.\n"
     return "\n".join(lines) + "\n" + note

@@ -6,8 +6,10 @@ import pickle
 import pytest
 import torch
 
+from orchestrator.config import REPO_ROOT, SeaConfig, load_config
+from orchestrator.tracking import sea_ensemble, summary_markdown
 from tests.segtoy import NUM_CLASSES
-from trainables.attacks import SeaResult, aggregate, apgd, sea
+from trainables.attacks import SEA_LOSSES, SeaResult, aggregate, apgd, sea
 from trainables.losses import TRACKS
 from trainables.metrics import intersection_union
 
@@ -21,6 +23,13 @@ def result(model, batch):
     x, y = batch
     return sea(model, x, y, eps=EPS, num_classes=NUM_CLASSES, n_iter=50, losses=LOSSES, seed=0,
                ids=torch.arange(8) * 10, return_adv=True, track="own")
+
+
+@pytest.fixture(scope="module")
+def default_result(model, batch):
+    """The default ensemble and tracking."""
+    x, y = batch
+    return sea(model, x, y, eps=EPS, num_classes=NUM_CLASSES, n_iter=20, seed=0)
 
 
 def test_worst_case_is_at_most_every_single_attack(result):
@@ -155,6 +164,28 @@ def test_sea_rejects_images_outside_the_unit_range(model, batch):
 
 
 @pytest.mark.realpath
+def test_default_ensemble_is_the_reference_codes_four_losses_and_mce_bal_tracked_by_ce(default_result):
+    assert {"mce", "segpgd", "js", "mask-sph"} < set(SEA_LOSSES) and "mce-bal" in SEA_LOSSES
+    config = SeaConfig()
+    assert config.losses == list(SEA_LOSSES) and config.track == "ce"
+    assert set(SeaConfig.model_fields["track"].annotation.__args__) == set(TRACKS)
+    assert default_result.losses == SEA_LOSSES and default_result.track == "ce"
+    scores = aggregate([default_result], NUM_CLASSES)
+    worst = scores["worst"]
+    print("  ".join(f"{name} {s['miou']:.4f}" for name, s in scores.items()))
+    assert scores["clean"]["miou"] > 0.95 and worst["miou"] < 0.3
+    for name in ("clean", *SEA_LOSSES):
+        assert worst["aacc"] <= scores[name]["aacc"]
+        assert worst["miou"] <= scores[name]["miou"]
+    assert worst["miou"] <= min(worst["miou_greedy"], worst["miou_by_acc"])
+    recipes = sorted((REPO_ROOT / "experiments" / "configs").glob("*.yaml"))
+    assert len(recipes) == 6
+    for path in recipes:  # the paper's recipes name the ensemble; the demo takes the default
+        recipe = load_config(path).sea
+        assert (recipe.losses, recipe.track) == (list(SEA_LOSSES), "ce"), path.name
+
+
+@pytest.mark.realpath
 def test_sea_runs_each_loss_with_the_tracking_asked_for(model, batch):
     x, y = batch[0][:3], batch[1][:3]
     runs = {track: sea(model, x, y, eps=EPS, num_classes=NUM_CLASSES, n_iter=10, losses=("js", "mce"), seed=2,
@@ -166,3 +197,12 @@ def test_sea_runs_each_loss_with_the_tracking_asked_for(model, batch):
             assert torch.equal(r.adv[name], alone), (track, name)
     assert not torch.equal(runs["ce"].adv["mce"], runs["own"].adv["mce"])
 
+
+@pytest.mark.realpath
+def test_summary_names_the_ensemble_that_ran():
+    config = load_config(REPO_ROOT / "experiments" / "configs" / "demo.yaml", ["sea.losses=[mce,js]", "sea.track=own"])
+    text = summary_markdown([{"trial_name": "a", "sea_miou_eps8": 0.25}], sea_ensemble(config))
+    assert "SEA ensemble: APGD with red-ε, 20 iterations for each of mce, js; step sizes and restarts tracked by " \
+           "each loss itself." in text
+    default = sea_ensemble(load_config(REPO_ROOT / "experiments" / "configs" / "demo.yaml"))
+    assert "mce-bal, mce, js, segpgd, mask-sph" in default and "per-image cross-entropy" in default

@@ -25,7 +25,9 @@ from trainables.metrics import intersection_union, label_area, scores_from_count
 
 log = logging.getLogger(__name__)
 
-SEA_LOSSES = ("mce-bal", "mce", "js")
+# the reference code's four losses (Mask-CE, SegPGD's Bal-CE, JS, Mask-Sph) and Mask-CE-Bal of the paper's text;
+# the paper's three come first so that they keep their seeds (loss j starts from seed + j)
+SEA_LOSSES = ("mce-bal", "mce", "js", "segpgd", "mask-sph")
 CLEAN = "clean"
 WORST = "worst"
 
