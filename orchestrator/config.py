@@ -189,7 +189,13 @@ class SeaConfig(_Section):
     eps: list[float] = Field(default_factory=lambda: [4.0, 8.0], description=UNITS_255)
     iterations: int = Field(300, ge=1, description="APGD iterations per loss")
     losses: list[Literal["mce-bal", "mce", "js", "ce", "segpgd", "cospgd", "mask-sph"]] = Field(
-        default_factory=lambda: ["mce-bal", "mce", "js"]
+        default_factory=lambda: ["mce-bal", "mce", "js", "segpgd", "mask-sph"],
+        description="APGD losses of the ensemble; the default is the reference code's four (Mask-CE, SegPGD's "
+        "Bal-CE, JS, Mask-Sph) plus Mask-CE-Bal; loss j starts from seed + j",
+    )
+    track: Literal["ce", "own"] = Field(
+        "ce", description="what drives APGD's step sizes and restarts: ce (per-image cross-entropy, as the "
+        "reference code; stronger for the masked losses) or own (each attack loss); the gradient is the loss's"
     )
     images: Optional[int] = Field(None, ge=1, description="cap on val images scored (None: all)")
     batch_size: int = Field(8, ge=1)

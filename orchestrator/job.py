@@ -51,7 +51,7 @@ def run_job(plan: Plan, resume: bool = False) -> int:
     from orchestrator.cluster import connect
     from orchestrator.data_stage import prepare_data
     from orchestrator.sweep import EpochsToMlflow, run_sweep, sweep_path
-    from orchestrator.tracking import SweepTracker, redact, summary_markdown
+    from orchestrator.tracking import SweepTracker, redact, sea_ensemble, summary_markdown
 
     config = plan.config
     timer = StageTimer()
@@ -94,7 +94,7 @@ def run_job(plan: Plan, resume: bool = False) -> int:
                 continue
             tracker.end_trial(run_id)
     rows = tracker.finish(status="FAILED" if failures else "FINISHED")
-    print("\nSummary\n" + summary_markdown(rows), flush=True)
+    print("\nSummary\n" + summary_markdown(rows, sea_ensemble(config)), flush=True)
     print(timer.summary(), flush=True)
     print(f"Open the MLflow UI on these runs:\n  mlflow ui --backend-store-uri {redact(plan.tracking_uri)}", flush=True)
     if failures:

@@ -140,7 +140,7 @@ def format_plan(plan: Plan) -> str:
         f"  Ray results and checkpoints: {cfg.sweep.storage_path.rstrip('/')}/{cfg.sweep.name}",
         f"Tracking URI: {plan.tracking_uri} (experiment {cfg.tracking.experiment!r})",
         f"SEA: eps {', '.join(f'{e:g}' for e in cfg.sea.eps)} (/255), {cfg.sea.iterations} iterations, "
-        f"losses {', '.join(cfg.sea.losses)}, images {cfg.sea.images or 'all val'}, "
+        f"losses {', '.join(cfg.sea.losses)} (tracking {cfg.sea.track}), images {cfg.sea.images or 'all val'}, "
         f"{cfg.sea.min_actors}-{cfg.sea.max_actors} actors "
         f"x ({cfg.sea.cpus_per_actor:g} CPU, {cfg.sea.gpus_per_actor:g} GPU)",
         *sea_extras_text(cfg),

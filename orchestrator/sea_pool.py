@@ -99,7 +99,8 @@ def score_batch(model, tensors: dict[str, Any], sea_settings: dict[str, Any], nu
                 sea_settings.get("defense_iterations") or sea_settings["iterations"])
             groups[sea_group] = sea(model, x, y, n_iter=iterations,
                                     losses=tuple(sea_settings["losses"]), seed=sea_settings["seed"],
-                                    return_adv=keep and defense is None, defense=defense, **common)
+                                    track=sea_settings["track"], return_adv=keep and defense is None,
+                                    defense=defense, **common)
             if extras:
                 groups[extra_group] = baselines(model, x, y, attacks=extras, defense=defense,
                                                 return_adv=keep and defense is None, **common)

@@ -460,7 +460,7 @@ class SweepTracker:
             else:
                 table.append(dict(clean))
         self.client.log_text(self.parent_run_id, summary_csv(table), "summary.csv")
-        self.client.log_text(self.parent_run_id, summary_markdown(table), "summary.md")
+        self.client.log_text(self.parent_run_id, summary_markdown(table, sea_ensemble(self.config)), "summary.md")
         eps = sorted({float(k.rsplit("_eps", 1)[1]) for row in table for k in row
                       if k.startswith("sea_miou_eps")})
         if table:
@@ -578,11 +578,19 @@ def _group_notes(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return notes
 
 
-def summary_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+def sea_ensemble(config: Config) -> str:
+    """The SEA ensemble a config runs, in words (for the summary)."""
+    sea = config.sea
+    track = "per-image cross-entropy" if sea.track == "ce" else "each loss itself"
+    return (f"APGD with red-ε, {sea.iterations} iterations for each of {', '.join(sea.losses)}; "
+            f"step sizes and restarts tracked by {track}")
+
+
+def summary_markdown(rows: Sequence[Mapping[str, Any]], ensemble: str | None = None) -> str:
     """The headline columns as a Markdown table: settings, clean and worst-case SEA mIoU (the strongest and the
     paper's greedy number), the extra attacks' and defences' mIoU when they ran; a note says what the two SEA
-    numbers, the protocols and those columns measure. Times are left to summary.csv and MLflow, so the same seed
-    gives the same table."""
+    numbers, the protocols and those columns measure, and names the SEA ensemble when given (`sea_ensemble`).
+    Times are left to summary.csv and MLflow, so the same seed gives the same table."""
     keep = [c for c in _columns(rows) if c in SUMMARY_COLUMNS or c in ("clean_miou", "clean_aacc")
             or re.fullmatch(rf"(?:final_)?(?:{SEA_MIOU}|{SEA_MIOU_GREEDY})[\d.]+", c)
             or re.fullmatch(rf"(?:{EXTRA_GROUP}_.+|defense_.+_{SEA_GROUP})_miou_eps[\d.]+|defense_.+_clean_miou", c)]
@@ -599,5 +607,6 @@ def summary_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
         "images scored here); final_* for the last epoch's checkpoint.",
         *(f"protocol {name}: {text}." for name, text in PROTOCOLS.items()),
         *_group_notes(rows),
+        *([f"SEA ensemble: {ensemble}."] if ensemble else []),
     ]
     return "\n".join(lines) + "\n" + "\n".join(note) + "\n"

@@ -1,10 +1,12 @@
 """Attacks on a small trained segmentation net: validity, APGD vs PGD, red-ε, determinism, early exit, bad input."""
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 from torch import nn
 
-from tests.segtoy import NUM_CLASSES
+from tests.segtoy import NUM_CLASSES, make_batch
 from trainables.attacks import AttackValidityError, apgd, check_valid, fgsm, ifgsm, least_likely, pgd
 from trainables.attacks.apgd import _take, checkpoints, stage_plan
 from trainables.attacks.pgd import ifgsm_steps
@@ -84,6 +86,7 @@ class _Recorder(nn.Module):
     def __init__(self, model, x):
         super().__init__()
         self.model, self.x, self.calls = model, x, []
+        self.train(model.training)  # the attacks restore the wrapper's mode, hence the model's, afterwards
 
     def forward(self, x_in):
         n = x_in.shape[0]
@@ -195,6 +198,7 @@ def test_check_valid_rejects_points_outside_the_ball_or_the_box():
         ({"n_iter": 0}, "n_iter = 0; must be an integer >= 1"),
         ({"n_iter": 2.5}, "n_iter = 2.5"),
         ({"loss": "dice"}, "valid losses: ce, mce, mce-bal, js, segpgd, cospgd, mask-sph"),
+        pytest.param({"track": "best"}, "apgd: unknown track 'best'; valid: ce, own", marks=pytest.mark.realpath),
     ],
 )
 def test_apgd_rejects_bad_settings(model, batch, kwargs, error):
@@ -222,3 +226,88 @@ def test_attacks_reject_bad_images_and_labels(model, batch):
         pgd(model, x, y, eps=EPS, steps=-1, step_size=0.01)
     with pytest.raises(ValueError, match="step_size"):
         pgd(model, x, y, eps=EPS, steps=1, step_size=0)
+
+
+# -- mixed precision, memory format and tracking (issue 13) ------------------------------------------------------
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast(precision):
+    """The region PirAt runs its attack in for train.precision (CPU autocast takes both reduced dtypes)."""
+    dtype = PRECISIONS[precision]
+    return nullcontext() if dtype is None else torch.autocast("cpu", dtype=dtype)
+
+
+@pytest.fixture(scope="module")
+def crops():
+    """Two 473×473 images: the VOC crop size, where a pixel-averaged loss gives per-pixel gradients of ~4e-6."""
+    return make_batch(2, seed=3, size=473)
+
+
+@pytest.mark.realpath
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_one_pgd_step_moves_the_free_pixels_by_the_full_step(model, crops, precision):
+    x, y = crops
+    step = 2 / 255
+    with _autocast(precision):
+        x_adv = pgd(model, x, y, eps=EPS, steps=1, step_size=step)
+    free = (x - step >= 0) & (x + step <= 1)  # neither [0, 1] nor the ε-ball clips a step here
+    moved = ((x_adv - x).abs() >= step * (1 - 1e-4)) & free
+    share = float(moved.sum()) / float(free.sum())
+    print(f"{precision}: {100 * share:.3f}% of {int(free.sum())} free entries moved by the full step")
+    assert share >= 0.99
+
+
+@pytest.mark.realpath
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_training_pgd_lowers_accuracy_under_every_precision(model, crops, precision):
+    x, y = crops
+    with _autocast(precision):
+        x_adv = pgd(model, x, y, eps=EPS, steps=2, step_size=4 / 255)
+    clean, attacked = (_scores(model, v, y)["aacc"] for v in (x, x_adv))
+    print(f"{precision}: aAcc clean {clean:.4f}, after 2-step PGD at 8/255 {attacked:.4f}")
+    assert clean > 0.99
+    assert attacked < clean - 0.25
+
+
+class _Layouts(nn.Module):
+    """Wraps a model and records whether each input it receives is stored channels-last."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.channels_last = model, []
+        self.train(model.training)  # the attacks restore the wrapper's mode, hence the model's, afterwards
+
+    def forward(self, x_in):
+        self.channels_last.append(x_in.is_contiguous(memory_format=torch.channels_last))
+        return self.model(x_in)
+
+
+@pytest.mark.realpath
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_every_attack_iterate_keeps_the_channels_last_layout(model, batch, precision):
+    x, y = batch
+    x = x.contiguous(memory_format=torch.channels_last)
+    wrapped = _Layouts(model.to(memory_format=torch.channels_last))
+    try:
+        with _autocast(precision):
+            x_pgd = pgd(wrapped, x, y, eps=EPS, steps=3, step_size=0.01, random_start=True, seed=0)
+            x_apgd = apgd(wrapped, x, y, eps=EPS, n_iter=30, loss="mce", seed=0)  # red-ε stages and restarts
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+    assert len(wrapped.channels_last) == 33
+    assert all(wrapped.channels_last)
+    assert x_pgd.is_contiguous(memory_format=torch.channels_last)
+    assert x_apgd.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.realpath
+@pytest.mark.parametrize("loss", ["mce", "mce-bal"])
+def test_ce_tracking_is_at_least_as_strong_as_tracking_the_masked_loss(model, batch, loss):
+    x, y = batch
+    runs = {track: apgd(model, x, y, eps=EPS, n_iter=20, loss=loss, seed=0, track=track) for track in ("own", "ce")}
+    own, ce = (_scores(model, runs[track], y) for track in ("own", "ce"))
+    print(f"{loss}: mIoU own {own['miou']:.4f} ce {ce['miou']:.4f}; aAcc own {own['aacc']:.4f} ce {ce['aacc']:.4f}")
+    assert ce["miou"] <= own["miou"]
+    assert ce["aacc"] <= own["aacc"]

@@ -170,3 +170,42 @@ def test_fused_loss_rejects_labels_outside_the_classes_and_unknown_names():
         FusedLoss("ce", y)(logits)
     with pytest.raises(ValueError, match="valid losses: ce, mce, mce-bal, js, segpgd, cospgd, mask-sph"):
         FusedLoss("dice", y)
+
+
+@pytest.mark.realpath
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_ce_tracking_reports_cross_entropy_but_keeps_the_loss_gradient(name):
+    logits, y = _batch(seed=4, n=3, h=8, w=6)
+    own = FusedLoss(name, y, reuse_buffer=False)(logits, step=2, total_steps=9)
+    tracked = FusedLoss(name, y, reuse_buffer=False, track="ce")(logits, step=2, total_steps=9)
+    torch.testing.assert_close(tracked[0], per_image_loss("ce", logits, y), rtol=1e-12, atol=1e-12)
+    assert torch.equal(tracked[1], own[1])
+    assert torch.equal(tracked[2], own[2])
+    if name != "ce":
+        assert not torch.allclose(tracked[0], own[0])
+    with pytest.raises(ValueError, match="unknown track 'best'; valid: ce, own"):
+        FusedLoss(name, y, track="best")
+
+
+@pytest.mark.realpath
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_scaled_gradient_is_the_summed_loss_gradient_times_an_exact_power_of_two(name):
+    # 473² labels with one 3-pixel class: the pixel-averaged gradient is ~1/(pixels) per pixel, what underflows in
+    # a float16 backward pass; the scaled one has its largest per-pixel weight in (½, 1]
+    g = torch.Generator().manual_seed(5)
+    y = torch.randint(0, 3, (2, 473, 473), generator=g)
+    y[0, 0, :3] = 4
+    y[1, :100] = IGN
+    logits = torch.randn(2, K, 473, 473, generator=g)
+    fused = FusedLoss(name, y, reuse_buffer=False)
+    value, _, grad = fused(logits, step=1, total_steps=4)
+    scaled_value, _, scaled = fused(logits, step=1, total_steps=4, scaled=True)
+    scale = fused.grad_scale
+    assert torch.equal(scaled_value, value)
+    assert torch.equal(torch.exp2(torch.log2(scale).round()), scale) and (scale >= 1).all()
+    assert torch.equal(scaled, grad * scale.view(-1, 1, 1, 1))
+    weight = fused.base.flatten(1).amax(1) * scale
+    assert ((weight > 0.5) & (weight <= 1)).all()
+    if name != "mask-sph":  # |softmax − onehot| ≤ 1 per class: the summed loss's gradient is O(1), not O(1/pixels)
+        assert float(scaled.abs().amax()) > 1e-2
+        assert float(grad.abs().amax()) < 1e-4

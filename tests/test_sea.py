@@ -6,8 +6,11 @@ import pickle
 import pytest
 import torch
 
+from orchestrator.config import REPO_ROOT, SeaConfig, load_config
+from orchestrator.tracking import sea_ensemble, summary_markdown
 from tests.segtoy import NUM_CLASSES
-from trainables.attacks import SeaResult, aggregate, sea
+from trainables.attacks import SEA_LOSSES, SeaResult, aggregate, apgd, sea
+from trainables.losses import TRACKS
 from trainables.metrics import intersection_union
 
 EPS = 8 / 255
@@ -16,9 +19,17 @@ LOSSES = ("mce-bal", "mce", "js")
 
 @pytest.fixture(scope="module")
 def result(model, batch):
+    """The paper's three losses, each tracking its own value (the ensemble before issue 13)."""
     x, y = batch
-    return sea(model, x, y, eps=EPS, num_classes=NUM_CLASSES, n_iter=50, seed=0, ids=torch.arange(8) * 10,
-               return_adv=True)
+    return sea(model, x, y, eps=EPS, num_classes=NUM_CLASSES, n_iter=50, losses=LOSSES, seed=0,
+               ids=torch.arange(8) * 10, return_adv=True, track="own")
+
+
+@pytest.fixture(scope="module")
+def default_result(model, batch):
+    """The default ensemble and tracking."""
+    x, y = batch
+    return sea(model, x, y, eps=EPS, num_classes=NUM_CLASSES, n_iter=20, seed=0)
 
 
 def test_worst_case_is_at_most_every_single_attack(result):
@@ -111,8 +122,10 @@ def test_same_seed_same_result(model, batch):
 
 def test_aggregate_rejects_results_that_do_not_belong_together(result):
     other = dataclasses.replace(result, losses=("mce",))
-    with pytest.raises(ValueError, match="differ in losses, eps or defense"):
+    with pytest.raises(ValueError, match="differ in losses, eps, defense or track"):
         aggregate([result, other], NUM_CLASSES)
+    with pytest.raises(ValueError, match=r"\(.*, ce\) vs \(.*, own\)"):
+        aggregate([result, dataclasses.replace(result, track="ce")], NUM_CLASSES)
     with pytest.raises(ValueError, match="duplicate image ids"):
         aggregate([result, result], NUM_CLASSES)
     with pytest.raises(ValueError, match="some results carry image ids"):
@@ -134,6 +147,7 @@ def test_aggregate_rejects_results_that_do_not_belong_together(result):
         ({"num_classes": 3}, r"label values \[3\] are outside \[0, 3\)"),
         ({"defense": "jpeg"}, "defense = 'jpeg'; valid: None, 'nlm', 'nlm-bpda'"),
         ({"ids": [1, 2]}, "ids must be 4 integers"),
+        pytest.param({"track": "best"}, "sea: unknown track 'best'; valid: ce, own", marks=pytest.mark.realpath),
     ],
 )
 def test_sea_rejects_bad_input(model, batch, kwargs, error):
@@ -147,3 +161,48 @@ def test_sea_rejects_images_outside_the_unit_range(model, batch):
     x, y = batch
     with pytest.raises(ValueError, match=r"images must lie in \[0, 1\]"):
         sea(model, x[:2] - 0.5, y[:2], eps=EPS, num_classes=NUM_CLASSES, n_iter=2)
+
+
+@pytest.mark.realpath
+def test_default_ensemble_is_the_reference_codes_four_losses_and_mce_bal_tracked_by_ce(default_result):
+    assert {"mce", "segpgd", "js", "mask-sph"} < set(SEA_LOSSES) and "mce-bal" in SEA_LOSSES
+    config = SeaConfig()
+    assert config.losses == list(SEA_LOSSES) and config.track == "ce"
+    assert set(SeaConfig.model_fields["track"].annotation.__args__) == set(TRACKS)
+    assert default_result.losses == SEA_LOSSES and default_result.track == "ce"
+    scores = aggregate([default_result], NUM_CLASSES)
+    worst = scores["worst"]
+    print("  ".join(f"{name} {s['miou']:.4f}" for name, s in scores.items()))
+    assert scores["clean"]["miou"] > 0.95 and worst["miou"] < 0.3
+    for name in ("clean", *SEA_LOSSES):
+        assert worst["aacc"] <= scores[name]["aacc"]
+        assert worst["miou"] <= scores[name]["miou"]
+    assert worst["miou"] <= min(worst["miou_greedy"], worst["miou_by_acc"])
+    recipes = sorted((REPO_ROOT / "experiments" / "configs").glob("*.yaml"))
+    assert len(recipes) == 6
+    for path in recipes:  # the paper's recipes name the ensemble; the demo takes the default
+        recipe = load_config(path).sea
+        assert (recipe.losses, recipe.track) == (list(SEA_LOSSES), "ce"), path.name
+
+
+@pytest.mark.realpath
+def test_sea_runs_each_loss_with_the_tracking_asked_for(model, batch):
+    x, y = batch[0][:3], batch[1][:3]
+    runs = {track: sea(model, x, y, eps=EPS, num_classes=NUM_CLASSES, n_iter=10, losses=("js", "mce"), seed=2,
+                       return_adv=True, track=track) for track in TRACKS}
+    for track, r in runs.items():
+        assert r.track == track
+        for j, name in enumerate(("js", "mce")):
+            alone = apgd(model, x, y, eps=EPS, n_iter=10, loss=name, seed=2 + j, track=track)
+            assert torch.equal(r.adv[name], alone), (track, name)
+    assert not torch.equal(runs["ce"].adv["mce"], runs["own"].adv["mce"])
+
+
+@pytest.mark.realpath
+def test_summary_names_the_ensemble_that_ran():
+    config = load_config(REPO_ROOT / "experiments" / "configs" / "demo.yaml", ["sea.losses=[mce,js]", "sea.track=own"])
+    text = summary_markdown([{"trial_name": "a", "sea_miou_eps8": 0.25}], sea_ensemble(config))
+    assert "SEA ensemble: APGD with red-ε, 20 iterations for each of mce, js; step sizes and restarts tracked by " \
+           "each loss itself." in text
+    default = sea_ensemble(load_config(REPO_ROOT / "experiments" / "configs" / "demo.yaml"))
+    assert "mce-bal, mce, js, segpgd, mask-sph" in default and "per-image cross-entropy" in default

@@ -197,7 +197,7 @@ def test_embedded_sqlite_sweep(tmp_path, monkeypatch):
     parent = client.get_run(tracker.parent_run_id)
     assert parent.data.params["data.shards"] == "s3://***@bucket/shards?X-Amz-Signature=***"
     assert parent.data.params["model.backbone_weights"] == "https://***@example.com/w.pt?token=***&x=1"
-    assert parent.data.params["sea.losses"] == '["mce-bal", "mce", "js"]'
+    assert parent.data.params["sea.losses"] == '["mce-bal", "mce", "js", "segpgd", "mask-sph"]'
 
 
 def test_resume_reuses_parent_and_children(tmp_path, monkeypatch):

@@ -7,6 +7,10 @@ gradient. Per image, the per-pixel values are summed and divided by the number o
 `FusedLoss` computes the same per-image loss, the per-image count of correctly classified pixels and the
 gradient with respect to the logits in closed form from one pass over the logits, which is what the attacks
 call at every iteration so that the loss costs as little as possible next to the model's forward and backward.
+With track="ce" its per-image value is plain cross-entropy instead of the loss itself (the reference's APGD drives
+step sizes and restarts with CE while taking the gradient of the attack loss); with scaled=True its gradient is
+multiplied per image by a power of two that keeps per-pixel logit gradients near 1, so that a float16 backward pass
+through the model does not underflow (the sign, all the attacks use, is unchanged).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from torch import Tensor
 from data.classes import IGNORE_INDEX
 
 LOSS_NAMES = ("ce", "mce", "mce-bal", "js", "segpgd", "cospgd", "mask-sph")
+# what drives APGD's step-size checkpoints and best-point restarts: per-image cross-entropy or the attack loss itself
+TRACKS = ("ce", "own")
 
 _LOG2 = math.log(2.0)
 _LOG2E = 1.0 / math.log(2.0)
@@ -31,6 +37,14 @@ def check_loss_name(name: str) -> str:
     if name not in LOSS_NAMES:
         raise ValueError(f"unknown attack loss {name!r}; valid losses: {', '.join(LOSS_NAMES)}")
     return name
+
+
+def check_track_name(track: str) -> str:
+    """Return `track` if it names a tracked quantity, else raise naming the valid ones."""
+    if track not in TRACKS:
+        raise ValueError(f"unknown track {track!r}; valid: {', '.join(TRACKS)} (ce: per-image cross-entropy, "
+                         "own: the attack loss itself)")
+    return track
 
 
 def split_labels(y: Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
@@ -179,17 +193,21 @@ def _class_max(logits: Tensor) -> Tensor:
 
 
 class FusedLoss:
-    """One attack loss bound to a batch of labels: per call, per-image loss, correct pixels and d(loss)/d(logits).
+    """One attack loss bound to a batch of labels: per call, per-image value, correct pixels and d(loss)/d(logits).
 
     The gradient of every loss here has the closed form α·(softmax − onehot) (α·logits + β·onehot for
     Mask-Sph) with per-pixel scalars α, β, so one pass over the logits gives loss, accuracy and gradient,
-    with no autograd graph through the loss. Label-dependent constants are computed once, on the first call
-    (which also checks the labels against the number of classes the logits have). The returned gradient lives
-    in a workspace that the next call overwrites (reuse_buffer=False gives a fresh tensor each call).
+    with no autograd graph through the loss. The per-image value is the loss (track="own") or the mean
+    cross-entropy over labelled pixels (track="ce"); the gradient is always the loss's. Label-dependent constants
+    are computed once, on the first call (which also checks the labels against the number of classes the logits
+    have). The returned gradient lives in a workspace that the next call overwrites (reuse_buffer=False gives a
+    fresh tensor each call).
     """
 
-    def __init__(self, name: str, y: Tensor, ignore_index: int = IGNORE_INDEX, reuse_buffer: bool = True):
+    def __init__(self, name: str, y: Tensor, ignore_index: int = IGNORE_INDEX, reuse_buffer: bool = True,
+                 track: str = "own"):
         self.name = check_loss_name(name)
+        self.track = check_track_name(track)
         self.y = y
         self.ignore_index = ignore_index
         self.reuse_buffer = reuse_buffer
@@ -197,25 +215,35 @@ class FusedLoss:
         self.labelled = self.valid.sum((1, 2))
         self.num_classes: int | None = None
         self.base: Tensor | None = None
+        self.plain: Tensor | None = None
+        self.grad_scale: Tensor | None = None
         self._buffer: Tensor | None = None
         self._ones: Tensor | None = None
 
     def _finalise(self, num_classes: int, dtype: torch.dtype) -> None:
         check_labels(self.y, num_classes, self.ignore_index, where=f"attack loss {self.name!r}")
-        base = self.valid.to(dtype) / self.labelled.clamp_min(1).to(dtype).view(-1, 1, 1)
+        plain = self.valid.to(dtype) / self.labelled.clamp_min(1).to(dtype).view(-1, 1, 1)
+        base = plain
         if self.name == "mce-bal":
             base = base * class_balance_weights(self.y, num_classes, self.ignore_index, dtype)
         self.base = base
+        self.plain = plain if self.track == "ce" else None
+        # per image, the power of two that brings the largest per-pixel weight into (½, 1] (1 without labels):
+        # exact in floating point, so a float32 gradient only changes scale, never rounding or sign
+        peak = base.flatten(1).amax(1)
+        self.grad_scale = torch.where(peak > 0, torch.exp2(torch.floor(-torch.log2(peak))), torch.ones_like(peak))
         self.num_classes = num_classes
 
     def select(self, index: Tensor) -> FusedLoss:
         """The same loss restricted to the images at `index` (for shrinking the active batch)."""
         sub = FusedLoss.__new__(FusedLoss)
-        sub.name, sub.ignore_index, sub.reuse_buffer = self.name, self.ignore_index, self.reuse_buffer
+        sub.name, sub.track, sub.ignore_index, sub.reuse_buffer = self.name, self.track, self.ignore_index, \
+            self.reuse_buffer
         sub.y, sub.target, sub.valid = self.y[index], self.target[index], self.valid[index]
         sub.labelled = self.labelled[index]
         sub.num_classes = self.num_classes
-        sub.base = None if self.base is None else self.base[index]
+        sub.base, sub.plain, sub.grad_scale = (None if t is None else t[index]
+                                               for t in (self.base, self.plain, self.grad_scale))
         sub._buffer = sub._ones = None
         return sub
 
@@ -242,9 +270,19 @@ class FusedLoss:
         return torch.bmm(ones, buf.view(n, k, -1)).view(n, *buf.shape[2:])
 
     @torch.no_grad()
-    def __call__(self, logits: Tensor, *, step: int = 0, total_steps: int = 1) -> tuple[Tensor, Tensor, Tensor]:
-        """logits N×K×H×W -> (loss N, correct pixels N (int64), gradient of loss.sum() w.r.t. logits)."""
-        logits = logits.detach()
+    def __call__(
+        self, logits: Tensor, *, step: int = 0, total_steps: int = 1, scaled: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """logits N×K×H×W -> (value N, correct pixels N (int64), gradient of loss.sum() w.r.t. logits).
+
+        value is the per-image loss (track="own") or mean cross-entropy (track="ce"). scaled: image i's gradient
+        is multiplied by `grad_scale[i]`, a power of two bringing its largest per-pixel weight into (½, 1].
+        Computed in float32 (or float64) whatever the logits' dtype, also inside an autocast region.
+        """
+        with torch.autocast(logits.device.type, enabled=False):
+            return self._fused(logits.detach(), step, total_steps, scaled)
+
+    def _fused(self, logits: Tensor, step: int, total_steps: int, scaled: bool) -> tuple[Tensor, Tensor, Tensor]:
         if logits.dtype not in (torch.float32, torch.float64):
             logits = logits.float()
         if self.num_classes is None:
@@ -260,24 +298,32 @@ class FusedLoss:
         correct_px = (u_y >= top) & valid
         correct = correct_px.sum((1, 2))
         buf = self._workspace(logits)
+        scale = self.grad_scale.view(-1, 1, 1) if scaled else None
+        tracked = None
+
+        if self.name != "mask-sph" or self.track == "ce":
+            # exp(u − max) as 2^(log2(e)·u − log2(e)·max): one fused pass for shift and scale, and exp2 is several
+            # times faster than exp on CPU
+            torch.add((-_LOG2E) * top.unsqueeze(1), logits, alpha=_LOG2E, out=buf)
+            buf.exp2_()
+            expsum = self._class_sum(buf)
+            ce = torch.log(expsum).add_(top).sub_(u_y)
+            if self.track == "ce":
+                tracked = (ce * self.plain).sum((1, 2))
 
         if self.name == "mask-sph":
             torch.mul(logits, logits, out=buf)
             norm = self._class_sum(buf).sqrt_().clamp_min_(1e-12)
             w = base * correct_px
-            loss_px = -w * u_y / norm
+            loss = (-w * u_y / norm).sum((1, 2))
+            if scale is not None:
+                w = w * scale
             alpha = w * u_y / norm.pow(3)
             beta = -w / norm
             torch.mul(logits, alpha.unsqueeze(1), out=buf)
             buf.scatter_add_(1, index, beta.unsqueeze(1))
-            return loss_px.sum((1, 2)), correct, buf
+            return loss if tracked is None else tracked, correct, buf
 
-        # exp(u − max) as 2^(log2(e)·u − log2(e)·max): one fused pass for shift and scale, and exp2 is several
-        # times faster than exp on CPU
-        torch.add((-_LOG2E) * top.unsqueeze(1), logits, alpha=_LOG2E, out=buf)
-        buf.exp2_()
-        expsum = self._class_sum(buf)
-        ce = torch.log(expsum).add_(top).sub_(u_y)
         if self.name == "js":
             q = ce.neg().exp_()
             one_q = q + 1.0
@@ -303,6 +349,8 @@ class FusedLoss:
                 w = base * cos
             loss = (w * ce).sum((1, 2))
             alpha = w
+        if scale is not None:
+            alpha = alpha * scale
         buf.mul_((alpha / expsum).unsqueeze(1))
         buf.scatter_add_(1, index, -alpha.unsqueeze(1))
-        return loss, correct, buf
+        return loss if tracked is None else tracked, correct, buf

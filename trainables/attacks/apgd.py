@@ -1,9 +1,11 @@
 """APGD (Croce & Hein, 2020) for segmentation, with radius reduction (red-ε), as specified in ALGORITHMS.md.
 
-Per image the attack keeps the highest-loss point (for step-size control and restarts) and, separately, the
-point with the lowest pixel accuracy, which is what it returns. Everything per iteration stays on the device and
-is vectorised over the batch; the only host synchronisation per iteration is the check whether an image has
-reached 0% accuracy, in which case it leaves the active batch (and the stage ends when none is left).
+Per image the attack keeps the point with the highest tracked value (for step-size control and restarts:
+per-image cross-entropy by default, as the reference code does, or the attack loss itself) and, separately, the
+point with the lowest pixel accuracy, which is what it returns. The step direction is always the sign of the
+attack loss's gradient. Everything per iteration stays on the device and is vectorised over the batch; the only
+host synchronisation per iteration is the check whether an image has reached 0% accuracy, in which case it
+leaves the active batch (and the stage ends when none is left).
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from trainables.attacks.common import (
     check_count,
     check_eps,
     check_loss,
+    check_track,
     check_valid,
     eval_mode,
+    layout,
     loss_and_input_grad,
 )
 from trainables.attacks.pgd import make_generator, uniform_start
@@ -78,7 +82,9 @@ def _take(into: Tensor, source: Tensor, mask: Tensor) -> None:
 def _stage(
     model: nn.Module, x: Tensor, loss: FusedLoss, start: Tensor, radius: float, n_iter: int
 ) -> tuple[Tensor, Tensor]:
-    """One APGD run at a fixed radius from `start`: per image the lowest-accuracy iterate and its correct pixels."""
+    """One APGD run at a fixed radius from `start`: per image the lowest-accuracy iterate and its correct pixels.
+
+    The "loss" compared at checkpoints and for the best point is `loss`'s per-image value (its `track`)."""
     n = x.shape[0]
     result = start.clone()
     result_correct = torch.full((n,), -1, dtype=torch.long, device=x.device)
@@ -90,8 +96,10 @@ def _stage(
     review = set(checkpoints(n_iter))
     last_review = 0
     s: dict[str, Tensor] = {}
+    memory_format = layout(x)
     for i in range(n_iter):
-        value, correct, grad = loss_and_input_grad(model, cur, active_loss, step=i, total_steps=n_iter)
+        value, correct, grad = loss_and_input_grad(model, cur, active_loss, step=i, total_steps=n_iter,
+                                                   memory_format=memory_format)
         if i == 0:
             s = {
                 "best_loss": value, "best_x": cur.clone(), "best_grad": grad.clone(), "review_loss": value,
@@ -158,6 +166,7 @@ def apgd(
     random_start: bool = True,
     ignore_index: int = IGNORE_INDEX,
     seed: int | None = None,
+    track: str = "ce",
 ) -> Tensor:
     """APGD on a segmentation loss; returns per image the lowest-accuracy point found, inside the ε-ball and [0, 1].
 
@@ -165,14 +174,18 @@ def apgd(
     2ε, 1.5ε, ε, each stage starting from the previous stage's returned point projected onto the new ball;
     only the final stage's points (radius ε) are returned. The first stage starts at a uniform random point of
     its ball when random_start (drawn from a generator seeded with `seed`, or torch's global one when None).
+    track: what drives the step-size checkpoints and the best point restarted from, "ce" (per-image cross-entropy,
+    the reference code's choice and stronger for the masked losses) or "own" (the attack loss itself); the
+    gradient is the attack loss's either way.
     """
     where = "apgd"
     eps = check_eps(eps, where)
     n_iter = check_count(n_iter, where, "n_iter", 1)
     check_loss(loss, where)
+    check_track(track, where)
     check_batch(x, y, where, ignore_index)
     x = x.detach()
-    fused = FusedLoss(loss, y, ignore_index)
+    fused = FusedLoss(loss, y, ignore_index, track=track)
     plan = stage_plan(n_iter, red_eps)
     with eval_mode(model):
         point = uniform_start(x, plan[0][0] * eps, make_generator(seed, x.device)) if random_start else x.clone()

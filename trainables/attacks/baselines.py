@@ -153,6 +153,6 @@ def merge_results(first: SeaResult, second: SeaResult) -> SeaResult:
     return SeaResult(
         eps=first.eps, losses=first.losses + second.losses, num_classes=first.num_classes, area=first.area,
         labelled=first.labelled, inter={**second.inter, **first.inter}, union={**second.union, **first.union},
-        correct={**second.correct, **first.correct}, ids=first.ids, defense=first.defense,
+        correct={**second.correct, **first.correct}, ids=first.ids, defense=first.defense, track=first.track,
         seconds={**second.seconds, **first.seconds}, adv=adv,
     )

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from data.classes import IGNORE_INDEX
-from trainables.losses import FusedLoss, check_labels, check_loss_name
+from trainables.losses import FusedLoss, check_labels, check_loss_name, check_track_name
 
 # Slack for float32 rounding of x ± ε; the same constant the validity guard uses.
 VALIDITY_TOLERANCE = 1e-6
@@ -92,6 +92,14 @@ def check_loss(loss: str, where: str) -> str:
         raise ValueError(f"{where}: {error}") from None
 
 
+def check_track(track: str, where: str) -> str:
+    """A known tracked quantity ("ce" or "own"), else an error listing the valid ones (prefixed with the caller)."""
+    try:
+        return check_track_name(track)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Run the attack with the model in eval mode and restore its previous mode afterwards."""
@@ -108,17 +116,35 @@ def box(x: Tensor, radius: float) -> tuple[Tensor, Tensor]:
     return (x - radius).clamp_(0.0, 1.0), (x + radius).clamp_(0.0, 1.0)
 
 
+def layout(x: Tensor) -> torch.memory_format:
+    """The memory format of an N×C×H×W batch: channels_last when stored so, else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def loss_and_input_grad(
-    model: nn.Module, x_adv: Tensor, loss: FusedLoss, step: int = 0, total_steps: int = 1
+    model: nn.Module,
+    x_adv: Tensor,
+    loss: FusedLoss,
+    step: int = 0,
+    total_steps: int = 1,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One forward and backward: per-image loss, per-image correct pixels, and the loss gradient w.r.t. x_adv."""
-    x_adv = x_adv.detach().requires_grad_(True)
+    """One forward and backward: per-image value of `loss`, per-image correct pixels, and the input gradient.
+
+    The gradient is that of Σ_i s_i·loss_i with s_i a per-image power of two (`FusedLoss.grad_scale`): the
+    summed rather than pixel-averaged loss, so that under float16 autocast the per-pixel gradients (~1/pixels)
+    do not underflow to 0 in the backward pass. The attacks use its sign only, which s_i does not change, and in
+    float32 the scaling is exact. The model sees x_adv in `memory_format` (the clean batch's layout).
+    """
+    x_adv = x_adv.detach().contiguous(memory_format=memory_format).requires_grad_(True)
     with torch.enable_grad():
         logits = model(x_adv)
         if logits.dim() != 4 or logits.shape[0] != x_adv.shape[0] or logits.shape[2:] != x_adv.shape[2:]:
             raise ValueError(
                 f"model output {tuple(logits.shape)} is not N×K×H×W logits for input {tuple(x_adv.shape)}"
             )
-        value, correct, grad_logits = loss(logits, step=step, total_steps=total_steps)
+        value, correct, grad_logits = loss(logits, step=step, total_steps=total_steps, scaled=True)
         (grad,) = torch.autograd.grad(logits, x_adv, grad_logits.to(logits.dtype))
     return value, correct, grad

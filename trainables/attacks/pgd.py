@@ -20,6 +20,7 @@ from trainables.attacks.common import (
     check_loss,
     check_valid,
     eval_mode,
+    layout,
     loss_and_input_grad,
 )
 from trainables.losses import FusedLoss
@@ -51,9 +52,9 @@ def _sign_iterations(
     direction: float,
 ) -> Tensor:
     low, high = box(x, eps)
-    x_adv = start
+    x_adv, memory_format = start, layout(x)
     for t in range(steps):
-        _, _, grad = loss_and_input_grad(model, x_adv, loss, step=t, total_steps=steps)
+        _, _, grad = loss_and_input_grad(model, x_adv, loss, step=t, total_steps=steps, memory_format=memory_format)
         x_adv = torch.clamp(x_adv + (direction * step_size) * grad.sign(), low, high)
     return x_adv.detach()
 

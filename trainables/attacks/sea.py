@@ -20,14 +20,16 @@ from torch import Tensor, nn
 
 from data.classes import IGNORE_INDEX
 from trainables.attacks.apgd import apgd
-from trainables.attacks.common import check_batch, check_count, check_eps, check_loss, eval_mode
+from trainables.attacks.common import check_batch, check_count, check_eps, check_loss, check_track, eval_mode
 from trainables.defense import DEFENSES, defended_models
 from trainables.losses import check_labels
 from trainables.metrics import intersection_union, label_area, scores_from_counts, stuff_pq_from_counts
 
 log = logging.getLogger(__name__)
 
-SEA_LOSSES = ("mce-bal", "mce", "js")
+# the reference code's four losses (Mask-CE, SegPGD's Bal-CE, JS, Mask-Sph) and Mask-CE-Bal of the paper's text;
+# the paper's three come first so that they keep their seeds (loss j starts from seed + j)
+SEA_LOSSES = ("mce-bal", "mce", "js", "segpgd", "mask-sph")
 CLEAN = "clean"
 WORST = "worst"
 
@@ -37,7 +39,8 @@ class SeaResult:
     """Per-image counts of one SEA batch, for the clean images and each attack's output (CPU tensors).
 
     inter / union: name -> N×K int64; correct: name -> N int64, where name is "clean" or a loss name;
-    area: labelled pixels per class N×K; labelled: labelled pixels per image N.
+    area: labelled pixels per class N×K; labelled: labelled pixels per image N; track: what drove APGD's
+    step sizes and restarts ("ce" or "own").
     """
 
     eps: float
@@ -50,6 +53,7 @@ class SeaResult:
     correct: dict[str, Tensor]
     ids: Tensor | None = None
     defense: str | None = None
+    track: str = "ce"
     seconds: dict[str, float] = field(default_factory=dict)
     adv: dict[str, Tensor] | None = None
 
@@ -139,6 +143,7 @@ def sea(
     return_adv: bool = False,
     defense: str | None = None,
     score_at: ScoreAt | None = None,
+    track: str = "ce",
 ) -> SeaResult:
     """Run APGD with red-ε for each loss on one batch and count, per image, clean and attacked predictions.
 
@@ -148,11 +153,14 @@ def sea(
     front end with an identity gradient). return_adv keeps each attack's adversarial images (CPU) in `adv`.
     score_at (the `full` protocol) counts every prediction at the images' original label sizes instead of
     against y; the attacks still take their loss against y at the model input's size.
+    track: what drives APGD's step sizes and restarts, "ce" (per-image cross-entropy, as the reference code) or
+    "own" (each attack loss itself).
     """
     where = "sea"
     eps = check_eps(eps, where)
     n_iter = check_count(n_iter, where, "n_iter", 1)
     names = _check_losses(losses, where)
+    check_track(track, where)
     num_classes = check_count(num_classes, where, "num_classes", 1)
     if defense not in DEFENSES:
         raise ValueError(f"{where}: defense = {defense!r}; valid: {', '.join(repr(d) for d in DEFENSES)}")
@@ -182,7 +190,8 @@ def sea(
         for j, name in enumerate(names):
             started = time.perf_counter()
             x_adv = apgd(attacked, x, y, eps=eps, n_iter=n_iter, loss=name, red_eps=True, random_start=True,
-                         ignore_index=ignore_index, seed=None if seed is None else seed + j)
+                         ignore_index=ignore_index, seed=None if seed is None else seed + j,
+                         track=track)
             count(name, _predict(scored, x_adv, num_classes, score_at))
             seconds[name] = time.perf_counter() - started
             if return_adv:
@@ -192,7 +201,8 @@ def sea(
                      seconds[name])
     return SeaResult(
         eps=eps, losses=names, num_classes=num_classes, area=label_area(scored_y, num_classes, ignore_index).cpu(),
-        labelled=labelled, inter=inter, union=union, correct=correct, ids=ids, defense=defense, seconds=seconds,
+        labelled=labelled, inter=inter, union=union, correct=correct, ids=ids, defense=defense, track=track,
+        seconds=seconds,
         adv=adv if return_adv else None,
     )
 
@@ -252,11 +262,11 @@ def _concat(results: Sequence[SeaResult], num_classes: int) -> SeaResult:
             raise TypeError(f"aggregate: expected SeaResult objects, got {type(r).__name__}")
         if r.num_classes != num_classes:
             raise ValueError(f"aggregate: a result has {r.num_classes} classes, aggregate was asked for {num_classes}")
-        if r.losses != first.losses or r.eps != first.eps or r.defense != first.defense:
+        if (r.losses, r.eps, r.defense, r.track) != (first.losses, first.eps, first.defense, first.track):
             raise ValueError(
-                "aggregate: results differ in losses, eps or defense "
-                f"({r.losses}, {r.eps:g}, {r.defense}) vs ({first.losses}, {first.eps:g}, {first.defense}); "
-                "aggregate each setting separately"
+                "aggregate: results differ in losses, eps, defense or track "
+                f"({r.losses}, {r.eps:g}, {r.defense}, {r.track}) vs "
+                f"({first.losses}, {first.eps:g}, {first.defense}, {first.track}); aggregate each setting separately"
             )
     with_ids = [r.ids is not None for r in results]
     if any(with_ids) and not all(with_ids):
@@ -280,7 +290,7 @@ def _concat(results: Sequence[SeaResult], num_classes: int) -> SeaResult:
         inter={n: cat([r.inter[n] for r in results]) for n in names},
         union={n: cat([r.union[n] for r in results]) for n in names},
         correct={n: cat([r.correct[n] for r in results]) for n in names},
-        ids=None if ids is None else ids[order], defense=first.defense,
+        ids=None if ids is None else ids[order], defense=first.defense, track=first.track,
     )
 
 
