@@ -37,7 +37,7 @@ pytestmark = pytest.mark.realpath
 
 DEMO = REPO / "experiments" / "configs" / "demo.yaml"
 VOC_CLASSES = 21
-SEA = {"eps": [4.0], "iterations": 2, "losses": ["mce"], "seed": 0}
+SEA = {"eps": [4.0], "iterations": 2, "losses": ["mce"], "seed": 0, "track": "ce"}
 
 
 def _label_a() -> np.ndarray:

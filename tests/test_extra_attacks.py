@@ -31,7 +31,7 @@ CPU = torch.device("cpu")
 EPS = 4.0  # 1/255 units, as the config
 ALL = ["fgsm", "ifgsm", "least-likely"]
 # two APGD iterations of Mask-CE: weak enough that the baselines beat it on some images (checked below)
-BASE = {"eps": [EPS], "iterations": 2, "losses": ["mce"], "seed": 0}
+BASE = {"eps": [EPS], "iterations": 2, "losses": ["mce"], "seed": 0, "track": "ce"}
 
 
 @pytest.fixture(scope="module")
