@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from data.classes import IGNORE_INDEX
 from trainables.attacks.common import check_batch, check_count, check_eps, check_valid, eval_mode
 from trainables.attacks.pgd import fgsm, ifgsm, least_likely
-from trainables.attacks.sea import CLEAN, ScoreAt, SeaResult
+from trainables.attacks.sea import CLEAN, ScoreAt, SeaResult, predict_classes
 from trainables.defense import DEFENSES, defended_models
 from trainables.metrics import intersection_union, label_area
 
@@ -34,14 +34,6 @@ def check_attacks(attacks: Sequence[str], where: str) -> tuple[str, ...]:
     if len(set(attacks)) != len(attacks):
         raise ValueError(f"{where}: attacks {list(attacks)} lists an attack twice")
     return tuple(attacks)
-
-
-@torch.no_grad()
-def _classes(model: nn.Module, x: Tensor, num_classes: int, score_at: ScoreAt | None) -> Tensor:
-    logits = model(x)
-    if logits.dim() != 4 or logits.shape[1] != num_classes:
-        raise ValueError(f"baselines: model gives logits {tuple(logits.shape)}, expected N×{num_classes}×H×W")
-    return logits.argmax(1) if score_at is None else score_at.predict(logits)
 
 
 def score_points(
@@ -77,8 +69,8 @@ def score_points(
         for name, point in ((CLEAN, x), *points.items()):
             if name != CLEAN:
                 check_valid(point.to(x.device), x, eps, f"{where} {name}")
-            i, u, c, _ = intersection_union(_classes(scored, point.to(x.device), num_classes, score_at), scored_y,
-                                            num_classes, ignore_index)
+            predicted = predict_classes(scored, point.to(x.device), num_classes, score_at)
+            i, u, c, _ = intersection_union(predicted, scored_y, num_classes, ignore_index)
             inter[name], union[name], correct[name] = i.cpu(), u.cpu(), c.cpu()
     return SeaResult(
         eps=eps, losses=tuple(points), num_classes=num_classes,

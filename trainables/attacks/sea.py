@@ -121,7 +121,8 @@ class ScoreAt:
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, x: Tensor, num_classes: int, score_at: ScoreAt | None = None) -> Tensor:
+def predict_classes(model: nn.Module, x: Tensor, num_classes: int, score_at: ScoreAt | None = None) -> Tensor:
+    """Class maps of a batch (at the original label sizes with score_at); checks the logits' shape."""
     logits = model(x)
     if logits.dim() != 4 or logits.shape[1] != num_classes:
         raise ValueError(f"sea: model gives logits {tuple(logits.shape)}, expected N×{num_classes}×H×W")
@@ -185,14 +186,14 @@ def sea(
     with eval_mode(model):
         attacked, scored = defended_models(model, defense)
         started = time.perf_counter()
-        count(CLEAN, _predict(scored, x, num_classes, score_at))
+        count(CLEAN, predict_classes(scored, x, num_classes, score_at))
         seconds[CLEAN] = time.perf_counter() - started
         for j, name in enumerate(names):
             started = time.perf_counter()
             x_adv = apgd(attacked, x, y, eps=eps, n_iter=n_iter, loss=name, red_eps=True, random_start=True,
                          ignore_index=ignore_index, seed=None if seed is None else seed + j,
                          track=track)
-            count(name, _predict(scored, x_adv, num_classes, score_at))
+            count(name, predict_classes(scored, x_adv, num_classes, score_at))
             seconds[name] = time.perf_counter() - started
             if return_adv:
                 adv[name] = x_adv.cpu()
