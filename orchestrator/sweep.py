@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,18 @@ def sweep_path(config: Config) -> str:
     return f"{_absolute(config.sweep.storage_path).rstrip('/')}/{config.sweep.name}"
 
 
+def trials_path(config: Config, run: str) -> str:
+    """Where one start of the sweep keeps its trials' Ray Train runs. Each fresh start gets its own `run`
+    folder, so running the same command again trains anew instead of restoring the last start's checkpoints;
+    `--resume` restores the run name with Tune's state and continues those trials."""
+    return f"{sweep_path(config)}/{TRIALS_DIR}/{run}"
+
+
+def new_run_name() -> str:
+    """A sortable, unique name for a fresh start of a sweep (UTC time and a random suffix)."""
+    return f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+
+
 def _absolute(uri: str) -> str:
     return uri if "://" in uri else os.path.abspath(uri)
 
@@ -54,7 +67,7 @@ def run_trial(tune_config: dict[str, Any]) -> None:
     trainer = build_trainer(
         config,
         name=trial["name"],
-        storage_path=f"{sweep_path(config)}/{TRIALS_DIR}",
+        storage_path=trials_path(config, trial["run"]),
         callbacks=[TuneReportCallback()],
     )
     outcome = fit(trainer)
@@ -116,7 +129,10 @@ def _tuner(plan: Plan, callbacks: list[tune.Callback], resume: bool) -> tune.Tun
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True, restart_errored=False,
                                   param_space=None)
     base = to_dict(config)
-    trials = [{"base": base, "overrides": o, "name": n} for o, n in zip(plan.trials, plan.names, strict=True)]
+    run = new_run_name()
+    print(f"sweep {config.sweep.name}: trials of this start under {trials_path(config, run)}", flush=True)
+    trials = [{"base": base, "overrides": o, "name": n, "run": run}
+              for o, n in zip(plan.trials, plan.names, strict=True)]
     scheduler = None
     if config.sweep.asha:
         scheduler = tune.schedulers.ASHAScheduler(
