@@ -63,7 +63,7 @@ def checked_manifest(uri: str) -> dict:
     return manifest
 
 
-def _read(uri: str, manifest: dict, shuffle, block_rows: int | None = None):
+def _read(uri: str, manifest: dict, block_rows: int | None = None):
     import ray
     import ray.data
 
@@ -83,7 +83,7 @@ def _read(uri: str, manifest: dict, shuffle, block_rows: int | None = None):
     # operator's share sits idle), ~0.6x the throughput. Object-store backpressure still applies.
     context.op_resource_reservation_enabled = False
     with ray.data.DataContext.current(context):
-        ds = ray.data.read_parquet(paths, filesystem=fs, partitioning=None, shuffle=shuffle,
+        ds = ray.data.read_parquet(paths, filesystem=fs, partitioning=None,
                                    override_num_blocks=blocks)
     return ds.select_columns(["id", "image", "label"])
 
@@ -165,15 +165,16 @@ def _train_rows(batch: dict[str, np.ndarray], *, shard_refs: tuple, offsets: tup
     shard_of = np.searchsorted(offsets, rows, side="right") - 1
     needed = sorted(set(shard_of.tolist()))
     tables = dict(zip(needed, ray.get([shard_refs[i] for i in needed]), strict=True))
+    columns = {i: (t.column("id"), t.column("image"), t.column("label")) for i, t in tables.items()}
     for start in range(0, len(rows), MAP_BATCH_ROWS):
         stop = min(start + MAP_BATCH_ROWS, len(rows))
         images, labels = _outputs(stop - start, crop_size)
         ids = []
         for out, j in enumerate(range(start, stop)):
-            table, local = tables[shard_of[j]], int(rows[j] - offsets[shard_of[j]])
-            ids.append(table.column("id")[local].as_py())
+            (id_col, image_col, label_col), local = columns[shard_of[j]], int(rows[j] - offsets[shard_of[j]])
+            ids.append(id_col[local].as_py())
             augmented = train_augment(
-                decode_image(table.column("image")[local].as_py()), decode_label(table.column("label")[local].as_py()),
+                decode_image(image_col[local].as_py()), decode_label(label_col[local].as_py()),
                 crop_size=crop_size, scale_range=scale_range,
                 rng=sample_rng(seed=seed, epoch=epoch, position=int(positions[j])),
             )
@@ -234,7 +235,7 @@ def val_dataset(uri: str, *, size: int, limit: int | None = None, block_rows: in
         except ValueError as error:
             raise DataError(str(error)) from None
     manifest = checked_manifest(uri)
-    ds = _read(uri, manifest, None, block_rows)
+    ds = _read(uri, manifest, block_rows)
     ds.context.execution_options.preserve_order = True
     ds = ds.map_batches(_val_rows, fn_kwargs={"size": size, "protocol": protocol, "ignore_as": ignore_as},
                         batch_size=None, batch_format="pyarrow")

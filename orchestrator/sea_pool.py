@@ -144,7 +144,6 @@ class SeaScorer:
         tensors = val_collate(batch)
         x, y, ids = tensors["image"].to(self.device), tensors["label"].to(self.device), tensors["id"]
         wanted = [n for n, i in enumerate(ids) if i in self.example_ids]
-        self._ids = ids
         out: dict[str, list] = {"eps": [], "ids": [], "result": [], "examples": [], "pid": []}
         results = score_batch(self.model, tensors, self.sea, self.num_classes, device=self.device,
                               return_adv=bool(wanted))
@@ -152,7 +151,7 @@ class SeaScorer:
             examples = None
             result = groups[SEA_GROUP]
             if result.adv is not None:
-                examples = self._examples(result, x, y, wanted)
+                examples = self._examples(result, x, y, ids, wanted)
             result.adv = None
             out["eps"].append(float(eps))
             out["ids"].append(",".join(ids))
@@ -161,7 +160,7 @@ class SeaScorer:
             out["pid"].append(os.getpid())
         return {k: np.asarray(v, dtype=object) for k, v in out.items()}
 
-    def _examples(self, result, x, y, wanted: list[int]) -> dict[str, np.ndarray]:
+    def _examples(self, result, x, y, ids: list[str], wanted: list[int]) -> dict[str, np.ndarray]:
         """Image, label, clean and worst-attack predictions of the example images in this batch."""
         torch = self.torch
         index = torch.tensor(wanted)
@@ -171,7 +170,7 @@ class SeaScorer:
         with torch.no_grad():
             clean_pred = self.model(x[index]).argmax(1).cpu()
             adv_pred = self.model(adv.to(self.device)).argmax(1).cpu()
-        return {"id": np.asarray([str(self._ids[n]) for n in wanted]), "image": x[index].cpu().numpy(),
+        return {"id": np.asarray([str(ids[n]) for n in wanted]), "image": x[index].cpu().numpy(),
                 "label": y[index].cpu().numpy(), "clean_pred": clean_pred.numpy(), "adv_pred": adv_pred.numpy()}
 
 
