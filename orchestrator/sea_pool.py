@@ -122,13 +122,15 @@ class SeaScorer:
                  example_ids: tuple[str, ...] = ()):
         import torch
 
-        from trainables.pir_at import CHECKPOINT_FILE, load_model_state, model_from_config, read_state
+        from orchestrator.config import ModelConfig
+        from trainables.models import build_from_config
+        from trainables.pir_at import CHECKPOINT_FILE, load_model_state, read_state
 
         torch.set_num_threads(max(1, threads))
         self.torch = torch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model_config = dict(config, model=dict(config["model"], backbone_weights=None))
-        self.model = model_from_config(model_config, num_classes)
+        model_config = ModelConfig.model_validate(dict(config["model"], backbone_weights=None, init="random"))
+        self.model = build_from_config(model_config, num_classes)
         from orchestrator.train import open_checkpoint
 
         with open_checkpoint(checkpoint_path).as_directory() as folder:

@@ -15,7 +15,7 @@ from ray.train.v2.api.callback import UserCallback
 from data import shards
 from data.pipeline import ingest_config, load_train_rows, val_dataset
 from orchestrator.cluster import quiet_data
-from orchestrator.config import Config, to_dict
+from orchestrator.config import Config
 from orchestrator.worker import train_loop_per_worker
 from trainables.pir_at import RANK_METRIC
 
@@ -107,7 +107,7 @@ def build_trainer(
     data = config.data
     rows = load_train_rows(train_uri)
     loop_config = {
-        "config": to_dict(config),
+        "config": config,
         "num_classes": data.num_classes,
         "train_rows": rows,
         "steps_per_epoch": steps_per_epoch(rows.total_rows, config.train.batch_size),

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from data.epoch_order import worker_positions
 from data.pipeline import train_collate, train_dataset, val_collate
+from orchestrator.config import Config
 from trainables.pir_at import (
     CHECKPOINT_FILE,
     PROXY_METRIC,
@@ -88,16 +89,16 @@ def _restore(trainer: PirAt, loop_config: dict[str, Any], rank: int) -> int:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train entry point: resume if a checkpoint exists, then train, validate and checkpoint every epoch."""
-    cfg = loop_config["config"]
-    train, data = cfg["train"], cfg["data"]
+    config: Config = loop_config["config"]
+    train, data = config.train, config.data
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     threads = loop_config.get("threads")
     if threads:
         torch.set_num_threads(int(threads))
-    seed_everything(train["seed"])  # same initial weights on every rank
+    seed_everything(train.seed)  # same initial weights on every rank
     device = ray.train.torch.get_device()
-    trainer = PirAt(cfg, loop_config["num_classes"], loop_config["steps_per_epoch"], device=device)
+    trainer = PirAt(train, config.model, loop_config["num_classes"], loop_config["steps_per_epoch"], device=device)
     if use_sync_batchnorm(device, world):
         trainer.module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(trainer.module)
     trainer.model = ray.train.torch.prepare_model(trainer.module, move_to_device=False)
@@ -106,22 +107,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     node = _gather(ray.get_runtime_context().get_node_id(), world)
     resumed_from = _restore(trainer, loop_config, rank)
     rows = loop_config["train_rows"]
-    positions = worker_positions(steps=loop_config["steps_per_epoch"], global_batch=train["batch_size"],
+    positions = worker_positions(steps=loop_config["steps_per_epoch"], global_batch=train.batch_size,
                                  world_size=world, rank=rank)
-    per_worker = train["batch_size"] // world
+    per_worker = train.batch_size // world
     select_shard = ray.train.get_dataset_shard("select")
-    epochs = train["epochs"]
+    epochs = train.epochs
 
     def epoch_batches(epoch: int) -> Callable[[], Iterable]:
         def make() -> Iterable:
-            ds = train_dataset(rows, crop_size=data["crop_size"], scale_range=tuple(data["scale_range"]),
-                               seed=train["seed"], epoch=epoch, positions=positions)
+            ds = train_dataset(rows, crop_size=data.crop_size, scale_range=tuple(data.scale_range),
+                               seed=train.seed, epoch=epoch, positions=positions)
             return ds.iter_torch_batches(batch_size=per_worker, prefetch_batches=2, collate_fn=train_collate)
         return make
 
     batches = _started(epoch_batches(resumed_from + 1)) if resumed_from < epochs else None
     for epoch in range(resumed_from + 1, epochs + 1):
-        seed_everything(epoch_seed(train["seed"], epoch, rank))
+        seed_everything(epoch_seed(train.seed, epoch, rank))
         started = time.perf_counter()
         try:
             stats = trainer.train_epoch(batches, epoch)
@@ -131,10 +132,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         if epoch < epochs:
             batches = _started(epoch_batches(epoch + 1))
         validation = {RANK_METRIC: -1.0}
-        if epoch % train["val_every"] == 0 or epoch == epochs:
+        if epoch % train.val_every == 0 or epoch == epochs:
             validation = trainer.validate(
                 select_shard.iter_torch_batches(batch_size=per_worker, collate_fn=val_collate),
-                proxy_iterations=train["proxy_iterations"], rank=rank, world_size=world, seed=train["seed"],
+                proxy_iterations=train.proxy_iterations, rank=rank, world_size=world, seed=train.seed,
             )
             validation[RANK_METRIC] = validation[PROXY_METRIC]
         report = {

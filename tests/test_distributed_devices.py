@@ -34,9 +34,9 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         return call
 
     try:
-        config = with_values(load_config(DEMO), {"train.attack.steps": 1}).model_dump(mode="json")
+        config = with_values(load_config(DEMO), {"train.attack.steps": 1})
         torch.manual_seed(0)
-        trainer = PirAt(config, 4, steps_per_epoch=2)
+        trainer = PirAt(config.train, config.model, 4, steps_per_epoch=2)
         trainer.model = torch.nn.parallel.DistributedDataParallel(trainer.module)
         trainer.world_size = world
         generator = torch.Generator().manual_seed(rank)

@@ -28,10 +28,10 @@ def test_removed_keys_are_refused_by_name(key):
 
 
 def test_drop_path_rate_reaches_the_backbone():
-    from trainables.pir_at import model_from_config
+    from trainables.models import build_from_config
 
-    config = with_values(load_config(DEMO), {"model.drop_path_rate": 0.3}).model_dump(mode="json")
-    model = model_from_config(config, 4)
+    config = with_values(load_config(DEMO), {"model.drop_path_rate": 0.3})
+    model = build_from_config(config.model, 4)
     rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
     assert rates and max(rates) == pytest.approx(0.3)
     with pytest.raises(ConfigError, match="model.drop_path_rate"):
@@ -74,10 +74,11 @@ def test_sea_examples_are_named_by_image_id(tmp_path):
     from orchestrator.sea_pool import SeaScorer
     from trainables.pir_at import CHECKPOINT_FILE, PirAt
 
-    config = with_values(load_config(DEMO), {"sea.iterations": 2, "sea.eps": [8]}).model_dump(mode="json")
+    config = with_values(load_config(DEMO), {"sea.iterations": 2, "sea.eps": [8]})
     torch.manual_seed(0)
-    torch.save(PirAt(config, 4, steps_per_epoch=1).state_dict(epoch=1), os.path.join(tmp_path, CHECKPOINT_FILE))
-    scorer = SeaScorer(str(tmp_path), config, 4, threads=1, example_ids=("img_c",))
+    state = PirAt(config.train, config.model, 4, steps_per_epoch=1).state_dict(epoch=1)
+    torch.save(state, os.path.join(tmp_path, CHECKPOINT_FILE))
+    scorer = SeaScorer(str(tmp_path), config.model_dump(mode="json"), 4, threads=1, example_ids=("img_c",))
     rng = np.random.default_rng(0)
     batch = {"id": np.asarray(["img_a", "img_b", "img_c"], dtype=object),
              "image": rng.integers(0, 256, (3, 3, 32, 32), dtype=np.uint8),

@@ -95,7 +95,7 @@ def trained_checkpoint(tmp_path, demo_shards) -> tuple[object, str]:
     """A demo config over the session's shards and a checkpoint folder of a (seeded) model."""
     import torch
 
-    from orchestrator.config import load_config, resolve_paths, to_dict, with_values
+    from orchestrator.config import load_config, resolve_paths, with_values
     from trainables.pir_at import CHECKPOINT_FILE, PirAt
 
     config = with_values(resolve_paths(load_config(REPO / "experiments/configs/demo.yaml"), REPO), {
@@ -103,7 +103,7 @@ def trained_checkpoint(tmp_path, demo_shards) -> tuple[object, str]:
         "sea.min_actors": 2, "sea.max_actors": 2,
     })
     torch.manual_seed(0)
-    state = PirAt(to_dict(config), config.data.num_classes, steps_per_epoch=1).state_dict(epoch=1)
+    state = PirAt(config.train, config.model, config.data.num_classes, steps_per_epoch=1).state_dict(epoch=1)
     folder = tmp_path / "checkpoint"
     folder.mkdir()
     torch.save(state, folder / CHECKPOINT_FILE)

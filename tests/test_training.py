@@ -54,10 +54,11 @@ def evaluate_checkpoint(config, checkpoint_path: str) -> float:
     from data.shards import iter_samples
     from data.transforms import val_transform
     from trainables import metrics
-    from trainables.pir_at import load_model_state, model_from_config
+    from trainables.models import build_from_config
+    from trainables.pir_at import load_model_state
 
     k = config.data.num_classes
-    model = model_from_config(config.model_dump(mode="json"), k)
+    model = build_from_config(config.model, k)
     load_model_state(model, read_state(os.path.join(checkpoint_path, "state.pt")), "test")
     model.eval()
     conf = torch.zeros(k, k, dtype=torch.long)
@@ -134,10 +135,10 @@ def test_killed_worker_resumes_from_last_epoch(demo_shards, tmp_path, local_ray)
 def test_mismatched_checkpoint_is_named(tmp_path):
     from trainables.pir_at import PirAt
 
-    base = load_config(DEMO).model_dump(mode="json")
-    small = PirAt(base, 21, steps_per_epoch=2)
-    other = dict(base, model=dict(base["model"], backbone="convnext_femto"))
-    big = PirAt(other, 21, steps_per_epoch=2)
+    base = load_config(DEMO)
+    small = PirAt(base.train, base.model, 21, steps_per_epoch=2)
+    other = with_values(base, {"model.backbone": "convnext_femto"})
+    big = PirAt(other.train, other.model, 21, steps_per_epoch=2)
     with pytest.raises(CheckpointMismatch, match="does not fit the configured model") as info:
         big.load_state_dict(small.state_dict(epoch=1), source="resume_from x")
     assert "with another shape" in str(info.value) or "missing" in str(info.value)
@@ -165,7 +166,7 @@ def _train_in_process(config, epochs: int) -> dict[str, float]:
     val = list(iter_samples(config.data.shards + "/val"))
     b = config.per_worker_batch
     steps = len(train) // b
-    trainer = PirAt(config.model_dump(mode="json"), config.data.num_classes, steps)
+    trainer = PirAt(config.train, config.model, config.data.num_classes, steps)
 
     def batches(samples, transform):
         for start in range(0, len(samples) - b + 1, b):

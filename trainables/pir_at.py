@@ -13,8 +13,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from types import SimpleNamespace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ from data.classes import IGNORE_INDEX
 from trainables import metrics
 from trainables.attacks import apgd, pgd
 from trainables.models import build_from_config
+from trainables.models.build import ModelSection
 from trainables.schedule import warmup_poly
 from trainables.units import to_unit
 
@@ -44,9 +44,27 @@ class CheckpointMismatch(ValueError):
     """A checkpoint that does not fit the configured model (another architecture or class count)."""
 
 
-def model_from_config(cfg: dict[str, Any], num_classes: int) -> torch.nn.Module:
-    """The segmentation model of a (plain-dict) config's `model` section, PIR weights loaded when given."""
-    return build_from_config(SimpleNamespace(**cfg["model"]), num_classes)
+class AttackSection(Protocol):
+    """The training attack's settings (orchestrator.config.TrainAttackConfig); budgets in units of 1/255."""
+
+    steps: int
+    eps: float
+    step_size: float
+    random_start: bool
+
+
+class TrainSection(Protocol):
+    """What PirAt reads from the config's `train` section (orchestrator.config.TrainConfig)."""
+
+    epochs: int
+    lr: float
+    weight_decay: float
+    warmup_epochs: float
+    poly_power: float
+    precision: str
+    channels_last: bool
+    grad_clip: float | None
+    attack: AttackSection
 
 
 @dataclass
@@ -76,33 +94,32 @@ class EpochStats:
 class PirAt:
     """Model, optimizer, schedule and one adversarial training step, free of any Ray dependency."""
 
-    def __init__(self, cfg: dict[str, Any], num_classes: int, steps_per_epoch: int,
-                 device: torch.device | str = "cpu", model: torch.nn.Module | None = None):
-        train = cfg["train"]
-        self.cfg = cfg
+    def __init__(self, train: TrainSection, model: ModelSection, num_classes: int, steps_per_epoch: int,
+                 device: torch.device | str = "cpu", network: torch.nn.Module | None = None):
+        self.model_config = dict(vars(model))
         self.num_classes = num_classes
         self.device = torch.device(device)
         self.steps_per_epoch = steps_per_epoch
-        self.module = (model if model is not None else model_from_config(cfg, num_classes)).to(self.device)
+        self.module = (network if network is not None else build_from_config(model, num_classes)).to(self.device)
         self.model = self.module  # replaced by the DDP wrapper in distributed runs
-        self.channels_last = bool(train["channels_last"]) and self.device.type == "cuda"
+        self.channels_last = bool(train.channels_last) and self.device.type == "cuda"
         if self.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
-        precision = train["precision"]
+        precision = train.precision
         if precision == "fp16" and self.device.type != "cuda":
             raise ValueError("train.precision = 'fp16' needs a GPU; use 'bf16' or 'fp32' on CPU")
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
-        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
-        total = train["epochs"] * steps_per_epoch
-        warmup = int(round(train["warmup_epochs"] * steps_per_epoch))
-        self.scheduler = warmup_poly(self.optimizer, total_steps=total, warmup_steps=warmup, power=train["poly_power"])
-        attack = train["attack"]
-        self.attack_steps = int(attack["steps"])
-        self.eps = to_unit(attack["eps"])
-        self.step_size = to_unit(attack["step_size"])
-        self.random_start = bool(attack["random_start"])
-        self.grad_clip = train.get("grad_clip")
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        total = train.epochs * steps_per_epoch
+        warmup = int(round(train.warmup_epochs * steps_per_epoch))
+        self.scheduler = warmup_poly(self.optimizer, total_steps=total, warmup_steps=warmup, power=train.poly_power)
+        attack = train.attack
+        self.attack_steps = int(attack.steps)
+        self.eps = to_unit(attack.eps)
+        self.step_size = to_unit(attack.step_size)
+        self.random_start = bool(attack.random_start)
+        self.grad_clip = train.grad_clip
         self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
     # -- one step -------------------------------------------------------------------------------------
@@ -253,7 +270,7 @@ class PirAt:
                 "python": random.getstate(),
             },
             "num_classes": self.num_classes,
-            "model_config": self.cfg["model"],
+            "model_config": self.model_config,
         }
 
     def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> int:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from orchestrator.config import DEFAULT_CONFIG, load_config, resolve_paths, to_dict, with_values  # noqa: E402
+from orchestrator.config import DEFAULT_CONFIG, load_config, resolve_paths, with_values  # noqa: E402
 from orchestrator.data_stage import prepare_data  # noqa: E402
 
 
@@ -50,7 +50,7 @@ def run_plain(config, batches: list[dict[str, torch.Tensor]], epochs: int, threa
 
     torch.set_num_threads(threads)
     torch.manual_seed(config.train.seed)
-    trainer = PirAt(to_dict(config), config.data.num_classes, len(batches))
+    trainer = PirAt(config.train, config.model, config.data.num_classes, len(batches))
     per_epoch = []
     for epoch in range(1, epochs + 1):
         started = time.perf_counter()

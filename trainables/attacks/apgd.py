@@ -30,7 +30,7 @@ from trainables.attacks.common import (
     loss_and_input_grad,
 )
 from trainables.attacks.pgd import make_generator, uniform_start
-from trainables.losses import FusedLoss
+from trainables.losses import AttackLoss
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def _take(into: Tensor, source: Tensor, mask: Tensor) -> None:
 
 
 def _stage(
-    model: nn.Module, x: Tensor, loss: FusedLoss, start: Tensor, radius: float, n_iter: int
+    model: nn.Module, x: Tensor, loss: AttackLoss, start: Tensor, radius: float, n_iter: int
 ) -> tuple[Tensor, Tensor]:
     """One APGD run at a fixed radius from `start`: per image the lowest-accuracy iterate and its correct pixels.
 
@@ -185,14 +185,14 @@ def apgd(
     check_track(track, where)
     check_batch(x, y, where, ignore_index)
     x = x.detach()
-    fused = FusedLoss(loss, y, ignore_index, track=track)
+    bound = AttackLoss(loss, y, ignore_index, track=track)
     plan = stage_plan(n_iter, red_eps)
     with eval_mode(model):
         point = uniform_start(x, plan[0][0] * eps, make_generator(seed, x.device)) if random_start else x.clone()
         for factor, iterations in plan:
             radius = factor * eps
             low, high = box(x, radius)
-            point, correct = _stage(model, x, fused, torch.clamp(point, low, high), radius, iterations)
+            point, correct = _stage(model, x, bound, torch.clamp(point, low, high), radius, iterations)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("apgd %s radius %.5g (%d it): correct pixels %s", loss, radius, iterations, correct.tolist())
     return check_valid(point, x, eps, where)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from data.classes import IGNORE_INDEX
-from trainables.losses import FusedLoss, check_labels, check_loss_name, check_track_name
+from trainables.losses import AttackLoss, check_labels, check_loss_name, check_track_name
 
 # Slack for float32 rounding of x ± ε; the same constant the validity guard uses.
 VALIDITY_TOLERANCE = 1e-6
@@ -126,14 +126,14 @@ def layout(x: Tensor) -> torch.memory_format:
 def loss_and_input_grad(
     model: nn.Module,
     x_adv: Tensor,
-    loss: FusedLoss,
+    loss: AttackLoss,
     step: int = 0,
     total_steps: int = 1,
     memory_format: torch.memory_format = torch.contiguous_format,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One forward and backward: per-image value of `loss`, per-image correct pixels, and the input gradient.
 
-    The gradient is that of Σ_i s_i·loss_i with s_i a per-image power of two (`FusedLoss.grad_scale`): the
+    The gradient is that of `AttackLoss`'s objective Σ_i s_i·loss_i (s_i a per-image power of two): about the
     summed rather than pixel-averaged loss, so that under float16 autocast the per-pixel gradients (~1/pixels)
     do not underflow to 0 in the backward pass. The attacks use its sign only, which s_i does not change, and in
     float32 the scaling is exact. The model sees x_adv in `memory_format` (the clean batch's layout).
@@ -145,6 +145,6 @@ def loss_and_input_grad(
             raise ValueError(
                 f"model output {tuple(logits.shape)} is not N×K×H×W logits for input {tuple(x_adv.shape)}"
             )
-        value, correct, grad_logits = loss(logits, step=step, total_steps=total_steps, scaled=True)
-        (grad,) = torch.autograd.grad(logits, x_adv, grad_logits.to(logits.dtype))
+        value, correct, objective = loss(logits, step=step, total_steps=total_steps)
+        (grad,) = torch.autograd.grad(objective, x_adv)
     return value, correct, grad

@@ -23,7 +23,7 @@ from trainables.attacks.common import (
     layout,
     loss_and_input_grad,
 )
-from trainables.losses import FusedLoss
+from trainables.losses import AttackLoss
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
@@ -48,7 +48,7 @@ def _check_step_size(step_size: float, where: str) -> float:
 
 
 def _sign_iterations(
-    model: nn.Module, x: Tensor, start: Tensor, loss: FusedLoss, eps: float, steps: int, step_size: float,
+    model: nn.Module, x: Tensor, start: Tensor, loss: AttackLoss, eps: float, steps: int, step_size: float,
     direction: float,
 ) -> Tensor:
     low, high = box(x, eps)
@@ -84,7 +84,7 @@ def pgd(
         return x.clone()
     with eval_mode(model):
         start = uniform_start(x, eps, make_generator(seed, x.device)) if random_start else x.clone()
-        x_adv = _sign_iterations(model, x, start, FusedLoss(loss, y, ignore_index), eps, steps, step_size, 1.0)
+        x_adv = _sign_iterations(model, x, start, AttackLoss(loss, y, ignore_index), eps, steps, step_size, 1.0)
     return check_valid(x_adv, x, eps, where)
 
 
@@ -142,6 +142,6 @@ def least_likely(
         target = model(x).argmin(1)
     target = torch.where(y == ignore_index, torch.full_like(target, ignore_index), target)
     with eval_mode(model):
-        x_adv = _sign_iterations(model, x, x.clone(), FusedLoss("ce", target, ignore_index), eps, steps,
+        x_adv = _sign_iterations(model, x, x.clone(), AttackLoss("ce", target, ignore_index), eps, steps,
                                  step_size, -1.0)
     return check_valid(x_adv, x, eps, where)

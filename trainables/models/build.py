@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Protocol
 
 from torch import nn
 
@@ -14,6 +14,18 @@ from trainables.models.upernet import UPerNetHead
 from trainables.models.weights import load_backbone_weights
 
 DECODERS = ("upernet", "segmenter")
+
+
+class ModelSection(Protocol):
+    """What build_from_config reads from the config's `model` section (orchestrator.config.ModelConfig)."""
+
+    decoder: str
+    backbone: str
+    stem: str
+    backbone_weights: str | None
+    init: str
+    decoder_width: int
+    drop_path_rate: float
 BACKBONES_BY_DECODER = {"upernet": CONVNEXTS, "segmenter": VITS}
 
 
@@ -55,11 +67,11 @@ def build_model(decoder: str, backbone: str, num_classes: int, stem: str = "patc
     return model
 
 
-def build_from_config(model_config: Any, num_classes: int) -> SegmentationModel:
+def build_from_config(model_config: ModelSection, num_classes: int) -> SegmentationModel:
     """build_model from the config's `model` section; `init_report["init"]` records model.init (pir/clean/random)."""
     model = build_model(
         model_config.decoder, model_config.backbone, num_classes, model_config.stem, model_config.backbone_weights,
-        decoder_width=model_config.decoder_width, drop_path_rate=getattr(model_config, "drop_path_rate", 0.0),
+        decoder_width=model_config.decoder_width, drop_path_rate=model_config.drop_path_rate,
     )
     model.init_report = {"init": model_config.init, **model.init_report}
     return model
