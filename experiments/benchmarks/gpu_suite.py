@@ -50,6 +50,9 @@ SECTIONS = ("train", "apgd", "sea", "syncs", "strength")
 TARGETS = {"floor_ratio": 0.8, "apgd_ratio": 1.10, "syncs_per_attack_iteration": 0, "syncs_per_train_step": 1,
            "bf16_strength_points": 0.5}
 EPS = 4.0 / 255.0
+# the strength comparison counts only on a model that learned (clean mIoU) and that the attack moves, but not to 0
+MIN_CLEAN_MIOU = 0.3
+MIN_ATTACK_EFFECT = 0.02
 
 
 @dataclass(frozen=True)
@@ -315,11 +318,14 @@ def bench_strength(s: Settings, device: torch.device, log) -> dict:
         out[f"{attack_precision}_clean_miou"] = scores["clean"]["miou"]
         out[f"{attack_precision}_sea_miou"] = scores["worst"]["miou"]
     out["difference_points"] = 100 * (out["bf16_sea_miou"] - out["fp32_sea_miou"])
-    out["bf16_attacks_allowed"] = abs(out["difference_points"]) <= TARGETS["bf16_strength_points"]
+    # equal mIoUs say nothing when the model learned little or the attack leaves nothing (or everything) standing
+    out["conclusive"] = (out["fp32_clean_miou"] >= MIN_CLEAN_MIOU
+                         and MIN_ATTACK_EFFECT <= out["fp32_sea_miou"] <= out["fp32_clean_miou"] - MIN_ATTACK_EFFECT)
+    out["bf16_attacks_allowed"] = out["conclusive"] and abs(out["difference_points"]) <= TARGETS["bf16_strength_points"]
     log(f"strength: trained {stats.steps} steps in {train_s:.0f} s; clean mIoU {100 * out['fp32_clean_miou']:.1f}; "
         f"SEA mIoU fp32 {100 * out['fp32_sea_miou']:.2f}, bf16 {100 * out['bf16_sea_miou']:.2f} "
         f"({out['difference_points']:+.2f} points; within {TARGETS['bf16_strength_points']}: "
-        f"{out['bf16_attacks_allowed']})")
+        f"{abs(out['difference_points']) <= TARGETS['bf16_strength_points']}; conclusive: {out['conclusive']})")
     return out
 
 
@@ -371,8 +377,12 @@ def markdown(result: dict) -> str:
                   "| attack precision | clean mIoU | SEA mIoU |", "|---|---|---|"]
         lines += [f"| {p} | {100 * st[f'{p}_clean_miou']:.2f} | {100 * st[f'{p}_sea_miou']:.2f} |"
                   for p in ("fp32", "bf16")]
+        verdict = ("may be enabled" if st["bf16_attacks_allowed"] else "stay off by default"
+                   + ("" if st["conclusive"] else f" (inconclusive: needs clean mIoU >= {100 * MIN_CLEAN_MIOU:.0f} "
+                      f"and SEA mIoU between {100 * MIN_ATTACK_EFFECT:.0f} and clean - "
+                      f"{100 * MIN_ATTACK_EFFECT:.0f} points)"))
         lines += ["", f"difference {st['difference_points']:+.2f} points (limit ±{TARGETS['bf16_strength_points']}): "
-                  f"bf16 attacks {'may be enabled' if st['bf16_attacks_allowed'] else 'stay off by default'}", ""]
+                  f"bf16 attacks {verdict}", ""]
     return "\n".join(lines)
 
 
