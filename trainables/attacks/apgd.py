@@ -80,7 +80,7 @@ def _take(into: Tensor, source: Tensor, mask: Tensor) -> None:
 
 
 def _stage(
-    model: nn.Module, x: Tensor, loss: AttackLoss, start: Tensor, radius: float, n_iter: int
+    model: nn.Module, x: Tensor, loss: AttackLoss, start: Tensor, radius: float, n_iter: int, early_exit: bool = True
 ) -> tuple[Tensor, Tensor]:
     """One APGD run at a fixed radius from `start`: per image the lowest-accuracy iterate and its correct pixels.
 
@@ -119,7 +119,8 @@ def _stage(
         s["prev_loss"] = value
 
         finished = s["ret_correct"] == 0
-        if bool(finished.any()):  # the one host sync per iteration: 0% accuracy cannot improve, the image leaves
+        # the one host sync per iteration: 0% accuracy cannot improve, the image leaves
+        if early_exit and bool(finished.any()):
             result[active[finished]] = s["ret_x"][finished]
             result_correct[active[finished]] = 0
             keep = ~finished
@@ -167,6 +168,7 @@ def apgd(
     ignore_index: int = IGNORE_INDEX,
     seed: int | None = None,
     track: str = "ce",
+    early_exit: bool = True,
 ) -> Tensor:
     """APGD on a segmentation loss; returns per image the lowest-accuracy point found, inside the ε-ball and [0, 1].
 
@@ -176,7 +178,8 @@ def apgd(
     its ball when random_start (drawn from a generator seeded with `seed`, or torch's global one when None).
     track: what drives the step-size checkpoints and the best point restarted from, "ce" (per-image cross-entropy,
     the reference code's choice and stronger for the masked losses) or "own" (the attack loss itself); the
-    gradient is the attack loss's either way.
+    gradient is the attack loss's either way. early_exit=False keeps images at 0% accuracy in the batch to the end
+    (their returned point cannot change): a fixed full batch, to benchmark the cost of one iteration.
     """
     where = "apgd"
     eps = check_eps(eps, where)
@@ -192,7 +195,8 @@ def apgd(
         for factor, iterations in plan:
             radius = factor * eps
             low, high = box(x, radius)
-            point, correct = _stage(model, x, bound, torch.clamp(point, low, high), radius, iterations)
+            point, correct = _stage(model, x, bound, torch.clamp(point, low, high), radius, iterations,
+                                    early_exit)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("apgd %s radius %.5g (%d it): correct pixels %s", loss, radius, iterations, correct.tolist())
     return check_valid(point, x, eps, where)
