@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor, nn
@@ -79,6 +80,75 @@ def _take(into: Tensor, source: Tensor, mask: Tensor) -> None:
     into.lerp_(source, mask.to(into.dtype).view(-1, *([1] * (into.dim() - 1))))
 
 
+@dataclass
+class _Images:
+    """Per active image: the iterate, its predecessor and gradient, the step size and ball, and what was found."""
+
+    index: Tensor  # position in the batch
+    cur: Tensor
+    prev: Tensor
+    grad: Tensor
+    step: Tensor
+    low: Tensor
+    high: Tensor
+    best_loss: Tensor  # highest tracked value so far, its point and gradient: where a halved step restarts
+    best_x: Tensor
+    best_grad: Tensor
+    review_loss: Tensor  # best_loss at the last checkpoint
+    ups: Tensor  # iterations since the last checkpoint whose value rose
+    halved: Tensor  # step halved at the last checkpoint
+    prev_loss: Tensor
+    ret_x: Tensor  # lowest-accuracy point so far: what the stage returns
+    ret_correct: Tensor
+
+    @classmethod
+    def first(cls, index: Tensor, cur: Tensor, value: Tensor, correct: Tensor, grad: Tensor, step: Tensor,
+              low: Tensor, high: Tensor) -> _Images:
+        """The state after the first iteration: every record is the starting point."""
+        return cls(index=index, cur=cur, prev=cur, grad=grad, step=step, low=low, high=high, best_loss=value,
+                   best_x=cur.clone(), best_grad=grad.clone(), review_loss=value, ups=torch.zeros_like(correct),
+                   halved=torch.zeros_like(correct, dtype=torch.bool), prev_loss=value, ret_x=cur.clone(),
+                   ret_correct=correct)
+
+    def record(self, value: Tensor, correct: Tensor, grad: Tensor) -> None:
+        """Count a rise of the tracked value, keep the best-value and the lowest-accuracy points."""
+        self.grad = grad
+        self.ups = self.ups + (value > self.prev_loss)
+        better = value > self.best_loss
+        self.best_loss = torch.where(better, value, self.best_loss)
+        _take(self.best_x, self.cur, better)
+        # a gradient may be non-finite, so no lerp; written in place into the stage's own copy
+        torch.where(better.view(-1, 1, 1, 1), grad, self.best_grad, out=self.best_grad)
+        lower = correct < self.ret_correct
+        self.ret_correct = torch.where(lower, correct, self.ret_correct)
+        _take(self.ret_x, self.cur, lower)
+        self.prev_loss = value
+
+    def keep(self, mask: Tensor) -> _Images:
+        """The images where mask is set."""
+        return _Images(**{f.name: getattr(self, f.name)[mask] for f in fields(self)})
+
+    def review(self, interval: int) -> None:
+        """A checkpoint: halve the step where the value rose too rarely or stalled, and restart those images from
+        their best point with its gradient and no momentum."""
+        halve = (self.ups < INCREASE_THRESHOLD * interval) | (~self.halved & (self.best_loss <= self.review_loss))
+        self.step = torch.where(halve, 0.5 * self.step, self.step)
+        self.cur = _where(halve, self.best_x, self.cur)
+        self.prev = _where(halve, self.best_x, self.prev)
+        self.grad = _where(halve, self.best_grad, self.grad)
+        self.halved, self.review_loss, self.ups = halve, self.best_loss, torch.zeros_like(self.ups)
+
+    @torch.no_grad()
+    def advance(self, momentum: bool) -> None:
+        """The signed-gradient step projected onto the ball, then (after the first) the momentum mix, projected."""
+        z = torch.addcmul(self.cur, self.step.view(-1, 1, 1, 1), self.grad.sign()).clamp_(min=self.low, max=self.high)
+        if momentum:
+            # x + a(z − x) + (1 − a)(x − x_prev) = a·z + 2(1 − a)·x − (1 − a)·x_prev
+            z = z.mul_(MOMENTUM).add_(self.cur, alpha=2 * (1 - MOMENTUM)).add_(self.prev, alpha=-(1 - MOMENTUM))
+            z = z.clamp_(min=self.low, max=self.high)
+        self.prev, self.cur = self.cur, z
+
+
 def _stage(
     model: nn.Module, x: Tensor, loss: AttackLoss, start: Tensor, radius: float, n_iter: int, early_exit: bool = True
 ) -> tuple[Tensor, Tensor]:
@@ -88,70 +158,41 @@ def _stage(
     n = x.shape[0]
     result = start.clone()
     result_correct = torch.full((n,), -1, dtype=torch.long, device=x.device)
-    active = torch.arange(n, device=x.device)
     active_loss = loss
-    low, high = box(x, radius)
-    cur = prev = start
-    step = torch.full((n,), 2.0 * radius, dtype=x.dtype, device=x.device)
     review = set(checkpoints(n_iter))
     last_review = 0
-    s: dict[str, Tensor] = {}
     memory_format = layout(x)
+    images: _Images | None = None
     for i in range(n_iter):
+        cur = start if images is None else images.cur
         value, correct, grad = loss_and_input_grad(model, cur, active_loss, step=i, total_steps=n_iter,
                                                    memory_format=memory_format)
-        if i == 0:
-            s = {
-                "best_loss": value, "best_x": cur.clone(), "best_grad": grad.clone(), "review_loss": value,
-                "ups": torch.zeros_like(correct), "halved": torch.zeros_like(correct, dtype=torch.bool),
-                "ret_x": cur.clone(), "ret_correct": correct,
-            }
+        if images is None:
+            step = torch.full((n,), 2.0 * radius, dtype=x.dtype, device=x.device)
+            images = _Images.first(torch.arange(n, device=x.device), start, value, correct, grad, step,
+                                   *box(x, radius))
         else:
-            s["ups"] = s["ups"] + (value > s["prev_loss"])
-            better = value > s["best_loss"]
-            s["best_loss"] = torch.where(better, value, s["best_loss"])
-            _take(s["best_x"], cur, better)
-            # a gradient may be non-finite, so no lerp; written in place into the stage's own copy
-            torch.where(better.view(-1, 1, 1, 1), grad, s["best_grad"], out=s["best_grad"])
-            lower = correct < s["ret_correct"]
-            s["ret_correct"] = torch.where(lower, correct, s["ret_correct"])
-            _take(s["ret_x"], cur, lower)
-        s["prev_loss"] = value
+            images.record(value, correct, grad)
 
-        finished = s["ret_correct"] == 0
+        finished = images.ret_correct == 0
         # the one host sync per iteration: 0% accuracy cannot improve, the image leaves
         if early_exit and bool(finished.any()):
-            result[active[finished]] = s["ret_x"][finished]
-            result_correct[active[finished]] = 0
+            result[images.index[finished]] = images.ret_x[finished]
+            result_correct[images.index[finished]] = 0
             keep = ~finished
             if not bool(keep.any()):
                 log.debug("apgd stage radius %.5g: all images at 0%% accuracy after %d iterations", radius, i + 1)
                 return result, result_correct
-            s = {name: tensor[keep] for name, tensor in s.items()}
-            cur, prev, grad, step = cur[keep], prev[keep], grad[keep], step[keep]
-            low, high, active = low[keep], high[keep], active[keep]
-            active_loss = loss.select(active)
+            images = images.keep(keep)
+            active_loss = loss.select(images.index)
 
         if i in review:
-            interval, last_review = i - last_review, i
-            halve = (s["ups"] < INCREASE_THRESHOLD * interval) | (~s["halved"] & (s["best_loss"] <= s["review_loss"]))
-            step = torch.where(halve, 0.5 * step, step)
-            # halved images restart from their best-loss point, with its gradient and no momentum
-            cur = _where(halve, s["best_x"], cur)
-            prev = _where(halve, s["best_x"], prev)
-            grad = _where(halve, s["best_grad"], grad)
-            s["halved"], s["review_loss"], s["ups"] = halve, s["best_loss"], torch.zeros_like(s["ups"])
-
+            images.review(i - last_review)
+            last_review = i
         if i + 1 < n_iter:
-            with torch.no_grad():
-                z = torch.addcmul(cur, step.view(-1, 1, 1, 1), grad.sign()).clamp_(min=low, max=high)
-                if i > 0:
-                    # x + a(z − x) + (1 − a)(x − x_prev) = a·z + 2(1 − a)·x − (1 − a)·x_prev
-                    z = z.mul_(MOMENTUM).add_(cur, alpha=2 * (1 - MOMENTUM)).add_(prev, alpha=-(1 - MOMENTUM))
-                    z = z.clamp_(min=low, max=high)
-            prev, cur = cur, z
-    result[active] = s["ret_x"]
-    result_correct[active] = s["ret_correct"]
+            images.advance(momentum=i > 0)
+    result[images.index] = images.ret_x
+    result_correct[images.index] = images.ret_correct
     return result, result_correct
 
 
