@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -170,42 +171,54 @@ def sea(
     x = x.detach()
     if score_at is not None:
         score_at = score_at.checked(x, num_classes, ignore_index, where)
-    scored_y = y if score_at is None else score_at.labels
-
-    inter: dict[str, Tensor] = {}
-    union: dict[str, Tensor] = {}
-    correct: dict[str, Tensor] = {}
-    seconds: dict[str, float] = {}
+    counts = _Counts(y if score_at is None else score_at.labels, num_classes, ignore_index)
     adv: dict[str, Tensor] = {}
-
-    def count(name: str, pred: Tensor) -> None:
-        i, u, c, _ = intersection_union(pred, scored_y, num_classes, ignore_index)
-        inter[name], union[name], correct[name] = i.cpu(), u.cpu(), c.cpu()
-
-    labelled = (scored_y != ignore_index).sum((1, 2)).cpu()
     with eval_mode(model):
         attacked, scored = defended_models(model, defense)
-        started = time.perf_counter()
-        count(CLEAN, predict_classes(scored, x, num_classes, score_at))
-        seconds[CLEAN] = time.perf_counter() - started
+        with counts.timed(CLEAN):
+            counts.add(CLEAN, predict_classes(scored, x, num_classes, score_at))
         for j, name in enumerate(names):
-            started = time.perf_counter()
-            x_adv = apgd(attacked, x, y, eps=eps, n_iter=n_iter, loss=name, red_eps=True, random_start=True,
-                         ignore_index=ignore_index, seed=None if seed is None else seed + j,
-                         track=track)
-            count(name, predict_classes(scored, x_adv, num_classes, score_at))
-            seconds[name] = time.perf_counter() - started
+            with counts.timed(name):
+                x_adv = apgd(attacked, x, y, eps=eps, n_iter=n_iter, loss=name, red_eps=True, random_start=True,
+                             ignore_index=ignore_index, seed=None if seed is None else seed + j, track=track)
+                counts.add(name, predict_classes(scored, x_adv, num_classes, score_at))
             if return_adv:
                 adv[name] = x_adv.cpu()
-            accuracy = float(correct[name].sum()) / max(int(labelled.sum()), 1)
-            log.info("sea eps=%.4g %s: aAcc %.2f%% on %d images in %.1f s", eps, name, 100 * accuracy, x.shape[0],
-                     seconds[name])
+            log.info("sea eps=%.4g %s: aAcc %.2f%% on %d images in %.1f s", eps, name, 100 * counts.accuracy(name),
+                     x.shape[0], counts.seconds[name])
     return SeaResult(
-        eps=eps, losses=names, num_classes=num_classes, area=label_area(scored_y, num_classes, ignore_index).cpu(),
-        labelled=labelled, inter=inter, union=union, correct=correct, ids=ids, defense=defense, track=track,
-        seconds=seconds,
-        adv=adv if return_adv else None,
+        eps=eps, losses=names, num_classes=num_classes, area=counts.area(), labelled=counts.labelled,
+        inter=counts.inter, union=counts.union, correct=counts.correct, ids=ids, defense=defense, track=track,
+        seconds=counts.seconds, adv=adv if return_adv else None,
     )
+
+
+class _Counts:
+    """Per prediction (clean, each loss): per-image class intersections, unions and correct pixels, and seconds."""
+
+    def __init__(self, labels: Tensor, num_classes: int, ignore_index: int):
+        self.labels, self.num_classes, self.ignore_index = labels, num_classes, ignore_index
+        self.labelled = (labels != ignore_index).sum((1, 2)).cpu()
+        self.inter: dict[str, Tensor] = {}
+        self.union: dict[str, Tensor] = {}
+        self.correct: dict[str, Tensor] = {}
+        self.seconds: dict[str, float] = {}
+
+    def add(self, name: str, pred: Tensor) -> None:
+        i, u, c, _ = intersection_union(pred, self.labels, self.num_classes, self.ignore_index)
+        self.inter[name], self.union[name], self.correct[name] = i.cpu(), u.cpu(), c.cpu()
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - started
+
+    def accuracy(self, name: str) -> float:
+        return float(self.correct[name].sum()) / max(int(self.labelled.sum()), 1)
+
+    def area(self) -> Tensor:
+        return label_area(self.labels, self.num_classes, self.ignore_index).cpu()
 
 
 def _miou_rows(inter: np.ndarray, union: np.ndarray) -> np.ndarray:
