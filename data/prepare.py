@@ -136,6 +136,29 @@ def prepare_split(
     `select_images` held-out images (`selection_ids`) are written, with 'rest' every other image: the
     checkpoint-selection split and the training split, disjoint by image id.
     """
+    _check_options(dataset, shard_rows, workers, reduce_zero_label, part, select_images)
+    samples = _part(list_samples(dataset, root, split), part, select_images)
+    names = class_names(dataset, reduce_zero_label)
+    options = {"dataset": dataset, "split": split, "reduce_zero_label": reduce_zero_label,
+               "shard_rows": shard_rows, "schema_version": shards.SCHEMA_VERSION, "part": part,
+               "select_images": select_images}
+    chunks = [samples[i:i + shard_rows] for i in range(0, len(samples), shard_rows)]
+    records, todo = _reusable_shards(chunks, out_uri, options)
+    bar = tqdm(total=len(samples), unit="img", desc=f"{dataset}/{split} -> {out_uri}", disable=not progress,
+               file=sys.stderr)
+    bar.update(sum(record["rows"] for record in records if record))
+    if len(todo) < len(chunks) and progress:
+        bar.write(f"{len(chunks) - len(todo)} of {len(chunks)} shards already written with matching sha256; "
+                  f"writing {len(todo)}")
+    try:
+        _write_shards(chunks, todo, records, out_uri, options, names, workers, bar)
+    finally:
+        bar.close()
+    return _finish(out_uri, options, records, names)
+
+
+def _check_options(dataset: str, shard_rows: int, workers: int, reduce_zero_label: bool, part: str,
+                   select_images: int) -> None:
     if shard_rows < 1:
         raise DataError(f"shard_rows = {shard_rows}: must be >= 1")
     if workers < 1:
@@ -143,12 +166,11 @@ def prepare_split(
     if reduce_zero_label and dataset != "ade20k":
         raise DataError(f"reduce_zero_label applies to ade20k only, not {dataset!r}")
     _check_part(part, select_images)
-    samples = _part(list_samples(dataset, root, split), part, select_images)
-    names = class_names(dataset, reduce_zero_label)
-    options = {"dataset": dataset, "split": split, "reduce_zero_label": reduce_zero_label,
-               "shard_rows": shard_rows, "schema_version": shards.SCHEMA_VERSION, "part": part,
-               "select_images": select_images}
-    chunks = [samples[i:i + shard_rows] for i in range(0, len(samples), shard_rows)]
+
+
+def _reusable_shards(chunks: list, out_uri: str, options: dict) -> tuple[list[dict | None], list[tuple[int, str]]]:
+    """Per chunk, the record of a shard already written from the same sources and options (else None), and the
+    (index, source fingerprint) of the chunks still to write."""
     previous = _previous_records(out_uri, options)
     records: list[dict | None] = [None] * len(chunks)
     todo = []
@@ -158,13 +180,12 @@ def prepare_split(
             records[index] = previous[name]
         else:
             todo.append((index, source))
-    bar = tqdm(total=len(samples), unit="img", desc=f"{dataset}/{split} -> {out_uri}", disable=not progress,
-               file=sys.stderr)
-    bar.update(sum(record["rows"] for record in records if record))
-    if len(todo) < len(chunks) and progress:
-        bar.write(f"{len(chunks) - len(todo)} of {len(chunks)} shards already written with matching sha256; "
-                  f"writing {len(todo)}")
+    return records, todo
 
+
+def _write_shards(chunks: list, todo: list[tuple[int, str]], records: list[dict | None], out_uri: str,
+                  options: dict, names: tuple[str, ...], workers: int, bar: tqdm) -> None:
+    """Write the shards in `todo` (in worker processes), keeping a partial manifest of those done up to date."""
     def save_partial() -> None:
         partial = _manifest(options, [r for r in records if r], names)
         shards.write_bytes(shards.join(out_uri, PARTIAL), json.dumps(partial, indent=1).encode())
@@ -174,19 +195,22 @@ def prepare_split(
         bar.update(record["rows"])
         save_partial()
 
-    if todo:  # readers must not find a complete manifest while shards are rewritten
-        save_partial()
-        shards.delete(shards.join(out_uri, shards.MANIFEST))
+    if not todo:
+        return
+    # readers must not find a complete manifest while shards are rewritten
+    save_partial()
+    shards.delete(shards.join(out_uri, shards.MANIFEST))
+    jobs = [(chunks[i], options["dataset"], options["reduce_zero_label"], shards.join(out_uri, SHARD_NAME.format(i)))
+            for i, _ in todo]
+    if workers == 1 or len(todo) <= 1:
+        for (index, source), job in zip(todo, jobs, strict=True):
+            done(index, source, build_shard(*job))
+    else:
+        _run_pool(todo, jobs, workers, done)
 
-    jobs = [(chunks[i], dataset, reduce_zero_label, shards.join(out_uri, SHARD_NAME.format(i))) for i, _ in todo]
-    try:
-        if workers == 1 or len(todo) <= 1:
-            for (index, source), job in zip(todo, jobs, strict=True):
-                done(index, source, build_shard(*job))
-        else:
-            _run_pool(todo, jobs, workers, done)
-    finally:
-        bar.close()
+
+def _finish(out_uri: str, options: dict, records: list, names: tuple[str, ...]) -> dict:
+    """Write the manifest, drop the partial one and any shard the manifest does not name; return the manifest."""
     manifest = _manifest(options, records, names)
     shards.write_bytes(shards.join(out_uri, shards.MANIFEST), json.dumps(manifest, indent=1).encode())
     shards.delete(shards.join(out_uri, PARTIAL))
