@@ -87,39 +87,62 @@ def _restore(trainer: PirAt, loop_config: dict[str, Any], rank: int) -> int:
     return done
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
-    """Ray Train entry point: resume if a checkpoint exists, then train, validate and checkpoint every epoch."""
+def _setup(loop_config: dict[str, Any], rank: int, world: int) -> PirAt:
+    """The worker's PirAt: threads, the same initial weights on every rank, SyncBatchNorm on GPUs, DDP."""
     config: Config = loop_config["config"]
-    train, data = config.train, config.data
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
     threads = loop_config.get("threads")
     if threads:
         torch.set_num_threads(int(threads))
-    seed_everything(train.seed)  # same initial weights on every rank
+    seed_everything(config.train.seed)  # same initial weights on every rank
     device = ray.train.torch.get_device()
-    trainer = PirAt(train, config.model, loop_config["num_classes"], loop_config["steps_per_epoch"], device=device)
+    trainer = PirAt(config.train, config.model, loop_config["num_classes"], loop_config["steps_per_epoch"],
+                    device=device)
     if use_sync_batchnorm(device, world):
         trainer.module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(trainer.module)
     trainer.model = ray.train.torch.prepare_model(trainer.module, move_to_device=False)
     trainer.world_size = world
+    return trainer
 
-    node = _gather(ray.get_runtime_context().get_node_id(), world)
-    resumed_from = _restore(trainer, loop_config, rank)
-    rows = loop_config["train_rows"]
+
+def _epoch_batches(loop_config: dict[str, Any], rank: int, world: int) -> Callable[[int], Callable[[], Iterable]]:
+    """epoch -> a maker of this worker's batches of that epoch (its positions of the epoch's order)."""
+    config: Config = loop_config["config"]
+    train, data = config.train, config.data
     positions = worker_positions(steps=loop_config["steps_per_epoch"], global_batch=train.batch_size,
                                  world_size=world, rank=rank)
-    per_worker = train.batch_size // world
-    select_shard = ray.train.get_dataset_shard("select")
-    epochs = train.epochs
 
-    def epoch_batches(epoch: int) -> Callable[[], Iterable]:
+    def for_epoch(epoch: int) -> Callable[[], Iterable]:
         def make() -> Iterable:
-            ds = train_dataset(rows, crop_size=data.crop_size, scale_range=tuple(data.scale_range),
-                               seed=train.seed, epoch=epoch, positions=positions)
-            return ds.iter_torch_batches(batch_size=per_worker, prefetch_batches=2, collate_fn=train_collate)
+            ds = train_dataset(loop_config["train_rows"], crop_size=data.crop_size,
+                               scale_range=tuple(data.scale_range), seed=train.seed, epoch=epoch, positions=positions)
+            return ds.iter_torch_batches(batch_size=train.batch_size // world, prefetch_batches=2,
+                                         collate_fn=train_collate)
         return make
 
+    return for_epoch
+
+
+def _save_and_report(trainer: PirAt, epoch: int, report: dict[str, Any], rank: int) -> None:
+    """Rank 0 writes the epoch's state as a Ray checkpoint; every rank reports the epoch's metrics with it."""
+    with tempfile.TemporaryDirectory() as folder:
+        ckpt = None
+        if rank == 0:
+            torch.save(trainer.state_dict(epoch), os.path.join(folder, CHECKPOINT_FILE))
+            ckpt = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
+    """Ray Train entry point: resume if a checkpoint exists, then train, validate and checkpoint every epoch."""
+    train = loop_config["config"].train
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    trainer = _setup(loop_config, rank, world)
+    node = _gather(ray.get_runtime_context().get_node_id(), world)
+    resumed_from = _restore(trainer, loop_config, rank)
+    select_shard = ray.train.get_dataset_shard("select")
+    epoch_batches = _epoch_batches(loop_config, rank, world)
+    epochs = train.epochs
     batches = _started(epoch_batches(resumed_from + 1)) if resumed_from < epochs else None
     for epoch in range(resumed_from + 1, epochs + 1):
         seed_everything(epoch_seed(train.seed, epoch, rank))
@@ -129,12 +152,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         except TrainingDiverged as exc:
             return {"diverged": str(exc)}
         seconds = time.perf_counter() - started
-        if epoch < epochs:
+        if epoch < epochs:  # the next epoch's data starts while this one validates and checkpoints
             batches = _started(epoch_batches(epoch + 1))
         validation = {RANK_METRIC: -1.0}
         if epoch % train.val_every == 0 or epoch == epochs:
             validation = trainer.validate(
-                select_shard.iter_torch_batches(batch_size=per_worker, collate_fn=val_collate),
+                select_shard.iter_torch_batches(batch_size=train.batch_size // world, collate_fn=val_collate),
                 proxy_iterations=train.proxy_iterations, rank=rank, world_size=world, seed=train.seed,
             )
             validation[RANK_METRIC] = validation[PROXY_METRIC]
@@ -151,10 +174,5 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             **stats.times.as_metrics(),
             **validation,
         }
-        with tempfile.TemporaryDirectory() as folder:
-            ckpt = None
-            if rank == 0:
-                torch.save(trainer.state_dict(epoch), os.path.join(folder, CHECKPOINT_FILE))
-                ckpt = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(report, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}")
+        _save_and_report(trainer, epoch, report, rank)
     return None
