@@ -110,13 +110,14 @@ def _epoch_batches(loop_config: dict[str, Any], rank: int, world: int) -> Callab
     train, data = config.train, config.data
     positions = worker_positions(steps=loop_config["steps_per_epoch"], global_batch=train.batch_size,
                                  world_size=world, rank=rank)
+    pinned = ray.train.torch.get_device().type == "cuda"  # page-locked batches: the copy to the GPU is asynchronous
 
     def for_epoch(epoch: int) -> Callable[[], Iterable]:
         def make() -> Iterable:
             ds = train_dataset(loop_config["train_rows"], crop_size=data.crop_size,
                                scale_range=tuple(data.scale_range), seed=train.seed, epoch=epoch, positions=positions)
             return ds.iter_torch_batches(batch_size=train.batch_size // world, prefetch_batches=2,
-                                         collate_fn=train_collate)
+                                         collate_fn=train_collate, pin_memory=pinned)
         return make
 
     return for_epoch

@@ -7,7 +7,6 @@ drives it (data, DDP, checkpoints, reports) is `orchestrator.worker.train_loop_p
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 import time
 from collections.abc import Iterable, Iterator
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 
 from data.classes import IGNORE_INDEX
 from trainables import metrics
-from trainables.attacks import apgd, pgd
+from trainables.attacks import apgd, pgd_unchecked, raise_on_values, value_checks
 from trainables.models import build_from_config
 from trainables.models.build import ModelSection
 from trainables.schedule import warmup_poly
@@ -83,6 +82,34 @@ class StepTimes:
         return out
 
 
+class PhaseClock:
+    """Times the phases of training steps: wall clock on a CPU; on a GPU, CUDA events read once when the epoch
+    settles, so that the timing adds no host synchronisation to a step."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pending: list[tuple[str, Any, Any]] = []
+
+    def now(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def add(self, phase: str, start: Any, end: Any) -> None:
+        self.pending.append((phase, start, end))
+
+    def settle(self, times: StepTimes) -> None:
+        """Add every pending phase's seconds to `times`."""
+        if self.cuda and self.pending:
+            torch.cuda.synchronize()
+        for phase, start, end in self.pending:
+            seconds = start.elapsed_time(end) / 1000.0 if self.cuda else end - start
+            setattr(times, phase, getattr(times, phase) + seconds)
+        self.pending.clear()
+
+
 @dataclass
 class EpochStats:
     loss_sum: float = 0.0
@@ -124,61 +151,57 @@ class PirAt:
 
     # -- one step -------------------------------------------------------------------------------------
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def _autocast(self):
         if self.autocast_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def adversarial(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """PGD examples at the training ε with the model in eval mode (k = 0: the clean images).
+    def adversarial(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """PGD examples at the training ε with the model in eval mode (k = 0: the clean images), and the attack's
+        `value_checks` on the device (None without an attack), read by train_epoch with the loss.
 
         Parameters are frozen meanwhile: the attack needs input gradients only, and DDP's gradient
         hooks must not fire for the attack's backward passes."""
         if self.attack_steps == 0 or self.eps == 0:
-            return x
+            return x, None
         self.module.eval()
         params = [p for p in self.module.parameters() if p.requires_grad]
         for p in params:
             p.requires_grad_(False)
         try:
             with self._autocast():
-                x_adv = pgd(self.module, x, y, eps=self.eps, steps=self.attack_steps, step_size=self.step_size,
-                            loss="ce", random_start=self.random_start, ignore_index=IGNORE_INDEX)
+                x_adv = pgd_unchecked(self.module, x, y, eps=self.eps, steps=self.attack_steps,
+                                      step_size=self.step_size, loss="ce", random_start=self.random_start,
+                                      ignore_index=IGNORE_INDEX)
         finally:
             for p in params:
                 p.requires_grad_(True)
-        return x_adv.detach()
+        return x_adv.detach(), value_checks(x, y, x_adv, self.num_classes, IGNORE_INDEX)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, times: StepTimes) -> torch.Tensor:
-        """Attack, forward/backward in train mode, optimizer update; returns the loss (a device tensor)."""
-        t0 = time.perf_counter()
-        x_adv = self.adversarial(x, y)
-        self._sync()
-        t1 = time.perf_counter()
+    def step(self, x: torch.Tensor, y: torch.Tensor, clock: PhaseClock) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attack, forward/backward in train mode, optimizer update; returns the loss and the attack's value checks
+        (device tensors)."""
+        t0 = clock.now()
+        x_adv, checks = self.adversarial(x, y)
+        t1 = clock.now()
         self.model.train()
         with self._autocast():
             logits = self.model(x_adv)
             loss = F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        self._sync()
-        t2 = time.perf_counter()
+        t2 = clock.now()
         if self.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        self._sync()
-        t3 = time.perf_counter()
-        times.attack += t1 - t0
-        times.forward_backward += t2 - t1
-        times.optimizer += t3 - t2
-        return loss.detach()
+        t3 = clock.now()
+        clock.add("attack", t0, t1)
+        clock.add("forward_backward", t1, t2)
+        clock.add("optimizer", t2, t3)
+        return loss.detach(), checks
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x = batch["image"].to(self.device, non_blocking=True)
@@ -188,8 +211,11 @@ class PirAt:
         return x, y
 
     def train_epoch(self, batches: Iterable[dict[str, torch.Tensor]], epoch: int) -> EpochStats:
-        """One pass over `batches`; raises TrainingDiverged (on every rank) at the first non-finite loss."""
+        """One pass over `batches`; raises TrainingDiverged (on every rank) at the first non-finite loss.
+
+        One host synchronisation per step: the loss and the ranks' non-finite flag are read together."""
         stats = EpochStats()
+        clock = PhaseClock(self.device)
         iterator: Iterator = iter(batches)
         while True:
             t0 = time.perf_counter()
@@ -198,12 +224,15 @@ class PirAt:
             if batch is None:
                 break
             x, y = self._to_device(batch)
-            loss = self.step(x, y, stats.times)
-            value = float(loss)
-            bad = torch.tensor([0.0 if math.isfinite(value) else 1.0], device=self.device)
+            loss, checks = self.step(x, y, clock)
+            flag = (~torch.isfinite(loss)).to(torch.float64).reshape(1)
             if self.world_size > 1:
-                dist.all_reduce(bad)
-            if bad.item() > 0:
+                dist.all_reduce(flag)
+            read = [loss.double().reshape(1), flag] + ([] if checks is None else [checks])
+            value, bad, *values = torch.cat(read).tolist()
+            if values:
+                raise_on_values(values, self.eps, self.num_classes, "PIR-AT training attack")
+            if bad > 0:
                 raise TrainingDiverged(
                     f"non-finite training loss at epoch {epoch} step {stats.steps + 1} (loss {value}); "
                     "no checkpoint written for this epoch"
@@ -211,6 +240,7 @@ class PirAt:
             stats.loss_sum += value
             stats.steps += 1
             stats.images += x.shape[0]
+        clock.settle(stats.times)
         return stats
 
     # -- validation -----------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ One script for one GPU (about 8 minutes on an H100/H200): it prints every figure
 - APGD: one iteration on a fixed full batch (early exit off) / one bare forward+backward, per SEA loss, at
   both sizes and precisions (target <= 1.10); SEA's images/s at 300 iterations per loss, extrapolated linearly
   from a 20-iteration run with early exit on (more images exit early in a longer run, so a floor);
-- host syncs: counted with torch.cuda.set_sync_debug_mode("warn") over one training step (target <= 1) and over
-  APGD runs of 5 and 10 iterations (the difference / 5 is the count per iteration; target 0); "n/a on CPU";
+- host syncs: counted with torch.cuda.set_sync_debug_mode("warn") per training step (epochs of 3 and 1 steps, the
+  difference / 2; target <= 1) and per APGD iteration (runs of 10 and 5 iterations, the difference / 5; target 0);
+  on a CPU the same counts of the Tensor methods that read a value on the host (what would synchronise on a GPU);
 - attack strength in bf16: a model trained for a few hundred PIR-AT steps inside the suite (generated shapes,
   128²), its SEA worst-case mIoU with the attacks in bf16 and in fp32 (bf16 attacks may be enabled only if
   within 0.5 points).
@@ -40,7 +41,7 @@ import torch  # noqa: E402
 
 from data.classes import IGNORE_INDEX  # noqa: E402
 from data.synthetic import render_sample  # noqa: E402
-from orchestrator.config import load_config, to_dict  # noqa: E402
+from orchestrator.config import load_config  # noqa: E402
 from trainables.attacks import SEA_LOSSES, aggregate, apgd, sea  # noqa: E402
 from trainables.models import build_model  # noqa: E402
 from trainables.pir_at import PirAt  # noqa: E402
@@ -121,8 +122,9 @@ def trainer_for(s: Settings, num_classes: int, device: torch.device, precision: 
     overrides = [f"train.precision={precision.split('+')[0]}", f"train.channels_last={str(precision.endswith('+cl'))}",
                  f"train.attack.steps={attack_steps}", "train.attack.eps=4", "train.attack.step_size=2.55",
                  "train.lr=0.001", "train.epochs=1", "train.warmup_epochs=0.1", f"train.batch_size={s.batch}"]
-    cfg = to_dict(load_config(overrides=overrides))
-    return PirAt(cfg, num_classes, steps_per_epoch, device=device, model=model_for(s, num_classes, device))
+    config = load_config(overrides=overrides)
+    return PirAt(config.train, config.model, num_classes, steps_per_epoch, device=device,
+                 network=model_for(s, num_classes, device))
 
 
 def random_batch(n: int, size: int, num_classes: int, device: torch.device, seed: int = 0):
@@ -241,11 +243,55 @@ def bench_sea(s: Settings, device: torch.device, log) -> list[dict]:
 
 # -- host synchronisations ----------------------------------------------------------------------------------------
 
-def count_syncs(device: torch.device, fn) -> int | None:
-    """Synchronising CUDA calls made by fn (torch.cuda.set_sync_debug_mode("warn")); None on CPU."""
-    if device.type != "cuda":
+# Tensor methods that read a value on the host: on a GPU each is a synchronisation (boolean-mask indexing too).
+PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
+HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__")
+
+
+def _from_project(frame) -> bool:
+    """Whether a call comes from this project's code (not torch's: e.g. AdamW reads its step counters, which
+    live on the host in a GPU run too)."""
+    name = frame.f_code.co_filename
+    return name.startswith(PROJECT_ROOT) and "site-packages" not in name and "/.venv/" not in name
+
+
+def count_host_reads(fn) -> int:
+    """Calls made by this project's code, while fn runs, of the Tensor methods that read values on the host
+    (HOST_READS, and indexing with a boolean tensor): the CPU stand-in for CUDA's sync debug mode, counting what
+    would synchronise on a GPU."""
+    count = 0
+    originals = {name: getattr(torch.Tensor, name) for name in (*HOST_READS, "__getitem__")}
+
+    def counting(name):
+        original = originals[name]
+
+        def call(self, *args, **kwargs):
+            nonlocal count
+            if not _from_project(sys._getframe(1)):
+                pass
+            elif name != "__getitem__":
+                count += 1
+            else:
+                index = args[0] if args else None
+                parts = index if isinstance(index, tuple) else (index,)
+                count += any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
+            return original(self, *args, **kwargs)
+        return call
+
+    try:
+        for name in originals:
+            setattr(torch.Tensor, name, counting(name))
         fn()
-        return None
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+    return count
+
+
+def count_syncs(device: torch.device, fn) -> int:
+    """Synchronising CUDA calls made by fn (torch.cuda.set_sync_debug_mode("warn")); on a CPU, count_host_reads."""
+    if device.type != "cuda":
+        return count_host_reads(fn)
     synchronize(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -258,21 +304,25 @@ def count_syncs(device: torch.device, fn) -> int | None:
 
 
 def bench_syncs(s: Settings, device: torch.device, log) -> dict:
-    """Host syncs of one training step (PGD, fp32) and of APGD per iteration, with early exit on and off."""
+    """Host syncs per training step (PGD, fp32: an epoch of 3 steps minus one of 1, halved) and per APGD iteration
+    (10 iterations minus 5, over 5), with early exit on and off."""
     name, size, classes = s.shapes[0]
     x, y = random_batch(s.batch, size, classes, device)
     trainer = trainer_for(s, classes, device, "fp32", s.attack_steps, 4)
     batch = {"image": x, "label": y}
     trainer.train_epoch([batch], 1)
-    out: dict = {"train_step": count_syncs(device, partial(trainer.train_epoch, [batch], 1))}
+    steps = {n: count_syncs(device, partial(trainer.train_epoch, [batch] * n, 1)) for n in (1, 3)}
+    out: dict = {"train_epoch_1_step": steps[1], "train_per_step": (steps[3] - steps[1]) / 2}
     model, xa, ya, _ = attack_problem(s, size, classes, device, "fp32")
     for early_exit in (True, False):
         counts = {n: count_syncs(device, partial(apgd, model, xa, ya, eps=EPS, n_iter=n, loss="mce", seed=0,
                                                  early_exit=early_exit)) for n in (5, 10)}
         key = "apgd_early_exit" if early_exit else "apgd_fixed_batch"
         out[f"{key}_5_iterations"] = counts[5]
-        out[f"{key}_per_iteration"] = None if counts[5] is None else (counts[10] - counts[5]) / 5
-    log("host syncs: " + ("n/a on CPU" if device.type != "cuda" else ", ".join(f"{k} {v}" for k, v in out.items())))
+        out[f"{key}_per_iteration"] = (counts[10] - counts[5]) / 5
+    how = "CUDA sync debug mode" if device.type == "cuda" else "host reads of tensor values (CPU stand-in)"
+    out["counted_with"] = how
+    log(f"host syncs ({how}): " + ", ".join(f"{k} {v}" for k, v in out.items() if k != "counted_with"))
     return out
 
 
@@ -366,9 +416,9 @@ def markdown(result: dict) -> str:
         lines.append("")
     if "syncs" in result:
         syncs = result["syncs"]
-        lines += ["Host synchronisations (torch.cuda.set_sync_debug_mode; targets: 0 per attack iteration, "
+        lines += [f"Host synchronisations ({syncs['counted_with']}; targets: 0 per attack iteration, "
                   "<= 1 per train step)", "", "| what | syncs |", "|---|---|"]
-        lines += [f"| {key} | {'n/a on CPU' if value is None else value} |" for key, value in syncs.items()]
+        lines += [f"| {key} | {value} |" for key, value in syncs.items() if key != "counted_with"]
         lines.append("")
     if "strength" in result:
         st = result["strength"]

@@ -1,8 +1,8 @@
 """Adversarial attacks on segmentation models: PGD family, APGD with red-ε, and the SEA ensemble."""
 
 from trainables.attacks.apgd import apgd
-from trainables.attacks.common import AttackValidityError, check_valid
-from trainables.attacks.pgd import fgsm, ifgsm, least_likely, pgd
+from trainables.attacks.common import AttackValidityError, check_valid, raise_on_values, value_checks
+from trainables.attacks.pgd import fgsm, ifgsm, least_likely, pgd, pgd_unchecked
 from trainables.attacks.sea import SEA_LOSSES, ScoreAt, SeaResult, aggregate, sea
 
 __all__ = [
@@ -17,5 +17,8 @@ __all__ = [
     "ifgsm",
     "least_likely",
     "pgd",
+    "pgd_unchecked",
+    "raise_on_values",
     "sea",
+    "value_checks",
 ]

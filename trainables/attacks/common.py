@@ -57,12 +57,7 @@ def check_batch(
         raise ValueError(f"{where}: labels must be N×H×W = {expected} to match the images, got {shape}")
     if x.numel() == 0:
         raise ValueError(f"{where}: empty batch {tuple(x.shape)}")
-    low, high = float(x.min()), float(x.max())
-    if not (low >= 0.0 and high <= 1.0):
-        raise ValueError(
-            f"{where}: image values span [{low:g}, {high:g}]; images must lie in [0, 1] "
-            "(the model normalises internally)"
-        )
+    _check_range(float(x.min()), float(x.max()), where)
     if y.is_floating_point() or y.dtype == torch.bool:
         raise ValueError(f"{where}: labels must be an integer tensor, got dtype {y.dtype}")
     if num_classes is not None:
@@ -74,14 +69,43 @@ def check_valid(x_adv: Tensor, x: Tensor, eps: float, where: str = "attack") -> 
     if x_adv.shape != x.shape:
         raise AttackValidityError(f"{where}: output shape {tuple(x_adv.shape)} differs from input {tuple(x.shape)}")
     dist = float((x_adv.detach() - x.detach()).abs().amax()) if x.numel() else 0.0
-    low, high = float(x_adv.min()), float(x_adv.max())
+    _check_validity(dist, float(x_adv.min()), float(x_adv.max()), eps, where)
+    return x_adv
+
+
+def _check_range(low: float, high: float, where: str) -> None:
+    if not (low >= 0.0 and high <= 1.0):
+        raise ValueError(
+            f"{where}: image values span [{low:g}, {high:g}]; images must lie in [0, 1] "
+            "(the model normalises internally)"
+        )
+
+
+def _check_validity(dist: float, low: float, high: float, eps: float, where: str) -> None:
     if not dist <= eps + VALIDITY_TOLERANCE:
         raise AttackValidityError(
             f"{where}: ‖x_adv − x‖∞ = {dist:.8g} exceeds eps = {eps:.8g} (+{VALIDITY_TOLERANCE:g}); result rejected"
         )
     if not (low >= 0.0 and high <= 1.0):
         raise AttackValidityError(f"{where}: x_adv spans [{low:g}, {high:g}], outside [0, 1]; result rejected")
-    return x_adv
+
+
+def value_checks(x: Tensor, y: Tensor, x_adv: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """On the device, the values that check_batch, the labels' check and check_valid read, as float64
+    [min x, max x, ‖x_adv − x‖∞, min x_adv, max x_adv, labels outside the classes], for one host transfer."""
+    bad = ((y != ignore_index) & ((y < 0) | (y >= num_classes))).sum()
+    dist = (x_adv.detach() - x.detach()).abs().amax()
+    return torch.stack([t.double() for t in (x.min(), x.max(), dist, x_adv.min(), x_adv.max(), bad)])
+
+
+def raise_on_values(values: list[float], eps: float, num_classes: int, where: str) -> None:
+    """Raise what check_batch, the labels' check or check_valid would have raised for `value_checks`'s values."""
+    low, high, dist, adv_low, adv_high, bad = values
+    _check_range(low, high, where)
+    if bad:
+        raise ValueError(f"{where}: {int(bad)} label values are outside [0, {num_classes}) and are not the ignore "
+                         f"value; valid labels are 0..{num_classes - 1} and the ignore value")
+    _check_validity(dist, adv_low, adv_high, eps, where)
 
 
 def check_loss(loss: str, where: str) -> str:

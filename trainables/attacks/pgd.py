@@ -83,9 +83,32 @@ def pgd(
     if steps == 0:
         return x.clone()
     with eval_mode(model):
-        start = uniform_start(x, eps, make_generator(seed, x.device)) if random_start else x.clone()
-        x_adv = _sign_iterations(model, x, start, AttackLoss(loss, y, ignore_index), eps, steps, step_size, 1.0)
+        x_adv = pgd_unchecked(model, x, y, eps=eps, steps=steps, step_size=step_size, loss=loss,
+                              random_start=random_start, ignore_index=ignore_index, seed=seed, check_labels=True)
     return check_valid(x_adv, x, eps, where)
+
+
+def pgd_unchecked(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    steps: int,
+    step_size: float,
+    loss: str = "ce",
+    random_start: bool = False,
+    ignore_index: int = IGNORE_INDEX,
+    seed: int | None = None,
+    check_labels: bool = False,
+) -> Tensor:
+    """PGD's iterations without the checks that read values on the host (image range, labels, the result's
+    validity), for a caller that reads `value_checks` of its result later with its own values (the training
+    step: one host synchronisation per step). Arguments as pgd's, already checked; the model in eval mode."""
+    x = x.detach()
+    start = uniform_start(x, eps, make_generator(seed, x.device)) if random_start else x.clone()
+    bound = AttackLoss(loss, y, ignore_index, check=check_labels)
+    return _sign_iterations(model, x, start, bound, eps, steps, step_size, 1.0)
 
 
 def fgsm(
