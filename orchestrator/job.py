@@ -50,8 +50,9 @@ def run_job(plan: Plan, resume: bool = False) -> int:
     """Run every stage of the plan; returns the process exit code."""
     from orchestrator.cluster import connect
     from orchestrator.data_stage import prepare_data
+    from orchestrator.summary import sea_ensemble, summary_markdown
     from orchestrator.sweep import EpochsToMlflow, run_sweep, sweep_path
-    from orchestrator.tracking import SweepTracker, redact, sea_ensemble, summary_markdown
+    from orchestrator.tracking import SweepTracker, redact
 
     config = plan.config
     timer = StageTimer()

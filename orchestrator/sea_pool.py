@@ -25,7 +25,7 @@ import ray
 from data.classes import VOC_CLASSES
 from data.pipeline import val_collate, val_dataset
 from orchestrator.config import Config, to_dict
-from orchestrator.tracking import EXTRA_GROUP, SEA_GROUP, score_group
+from orchestrator.scores import EXTRA_GROUP, SEA_GROUP, score_group
 from trainables.units import eps_label
 
 

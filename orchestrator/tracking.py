@@ -1,4 +1,5 @@
-"""MLflow tracking: where runs go (URI resolution) and what each run records.
+"""MLflow tracking: where runs go (URI resolution) and what each run records (the scores' names:
+`orchestrator.scores`; the summary table: `orchestrator.summary`).
 
 One parent run per sweep, one child run per trial (tag `mlflow.parentRunId`). Every score is logged
 as a fraction in [0, 1] (never percent); ε in metric names is in units of 1/255 written by
@@ -13,13 +14,8 @@ The extra attacks (`sea.extra_attacks`) are logged apart as `extra_{attack}_{sco
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import math
-import numbers
 import os
-import re
 import sys
 import threading
 import time
@@ -29,8 +25,10 @@ from typing import Any
 
 import yaml
 
-from orchestrator.config import PROTOCOLS, Config, flatten, to_dict
+from orchestrator.config import Config, flatten, to_dict
 from orchestrator.redact import REDACTED, RedactingClient, is_secret_key, redact, redact_tree
+from orchestrator.scores import as_number, final_metrics, metric_key
+from orchestrator.summary import is_final, metric_order, sea_ensemble, summary_csv, summary_markdown
 from trainables.units import eps_label
 
 DEFAULT_DB = "mlruns.db"
@@ -45,8 +43,6 @@ TAG_FAILURE = "failure"
 TAG_OVERRIDES = "trial_overrides"
 ROLE_SWEEP, ROLE_TRIAL = "sweep", "trial"
 
-_BAD_METRIC_CHARS = re.compile(r"[^\w.\- /:]")
-
 # Short param names a trial gets on top of the flattened config (for the MLflow UI's columns).
 SHORT_PARAMS = {
     "attack_steps": "train.attack.steps",
@@ -58,16 +54,9 @@ SHORT_PARAMS = {
     "decoder": "model.decoder",
     "protocol": "eval.protocol",
 }
-SUMMARY_COLUMNS = ("trial_name", "status", "attack_steps", "eps", "epochs", "backbone", "init", "protocol")
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value; the full config is in config.yaml
 MAX_TAG_CHARS = 8000
 BATCH = 100  # params/tags per log_batch request (MLflow's limit)
-FRACTION_SCORES = ("miou", "aacc", "macc", "miou_greedy", "miou_by_acc")
-# SEA's worst-case mIoU: the strongest valid number (the headline) and the paper's greedy walk.
-SEA_MIOU, SEA_MIOU_GREEDY = "sea_miou_eps", "sea_miou_greedy_eps"
-# Groups of final scores (`score_group`): SEA's, the extra attacks' apart, and each defence's two.
-SEA_GROUP, EXTRA_GROUP = "sea", "extra"
-_GROUP = re.compile(rf"{EXTRA_GROUP}|defense_(?P<defense>.+)_(?:{SEA_GROUP}|{EXTRA_GROUP})")
 
 
 def resolve_tracking_uri(config: Config, override_given: bool, cwd: str | Path | None = None) -> str:
@@ -111,103 +100,6 @@ def config_yaml(config: Config) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Metric helpers
-
-
-def metric_key(name: str) -> str:
-    """A metric name MLflow accepts: characters outside letters, digits, _ - . / : and space become '_'."""
-    return _BAD_METRIC_CHARS.sub("_", str(name))
-
-
-def as_number(value: Any) -> float | None:
-    """A real number (Python, NumPy, or a one-element array/tensor) as float; None for anything else, bools too."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, numbers.Real):
-        return float(value)
-    item = getattr(value, "item", None)
-    numel = getattr(value, "numel", None)
-    count = numel() if callable(numel) else getattr(value, "size", None)
-    if not callable(item) or count != 1:
-        return None
-    inner = item()
-    if isinstance(inner, bool) or not isinstance(inner, numbers.Real):
-        return None
-    return float(inner)
-
-
-def _score(name: str, score: str, value: Any) -> float:
-    """A logged score; mIoU/aAcc/mAcc must be fractions in [0, 1] (NaN allowed), so percent is an error."""
-    number = as_number(value)
-    if number is None:
-        raise ValueError(f"{name} = {value!r}: must be a number")
-    if score in FRACTION_SCORES and not math.isnan(number) and not -1e-9 <= number <= 1 + 1e-9:
-        raise ValueError(f"{name} = {number:g}: scores are logged as fractions in [0, 1], not percent")
-    return number
-
-
-def score_group(kind: str, defense: str | None = None) -> str:
-    """The metric prefix of a group of scores: `sea` (SEA's ensemble and worst case) or `extra` (the extra
-    attacks, scored apart), and `defense_{d}_sea` / `defense_{d}_extra` for the model behind defence d."""
-    if kind not in (SEA_GROUP, EXTRA_GROUP):
-        raise ValueError(f"score group kind = {kind!r}; valid: {SEA_GROUP!r}, {EXTRA_GROUP!r}")
-    return kind if defense is None else f"defense_{defense}_{kind}"
-
-
-def _group_metrics(group: str, by_eps: Mapping[float, Mapping[str, Mapping[str, Any]]]) -> dict[str, float]:
-    """A group's metrics per ε: a SEA group logs its worst case, each attack and its clean images; an extra
-    group (its clean and worst are its SEA group's clean and not asked for) each attack only."""
-    metrics: dict[str, float] = {}
-    extra = group.endswith(EXTRA_GROUP)
-    for eps in sorted(by_eps, key=float):
-        label = eps_label(float(eps))
-        scores = by_eps[eps]
-        if not extra and "worst" not in scores:
-            raise ValueError(f"{group}[{label}] has no 'worst' entry (keys: {sorted(scores)}); pass the dict "
-                             "returned by trainables.attacks.aggregate")
-        for name, values in scores.items():
-            if not isinstance(values, Mapping):
-                raise ValueError(f"{group}[{label}][{name!r}] = {values!r}: must be a mapping like {{'miou': ...}}")
-            if extra and name in ("worst", "clean"):
-                continue
-            for score, value in values.items():
-                if as_number(value) is None:
-                    continue
-                if name == "worst":
-                    key = f"{group}_{score}_eps{label}"
-                else:
-                    key = f"{group}_{name}_{score}_eps{label}"
-                metrics[metric_key(key)] = _score(f"{group}[{label}][{name!r}][{score!r}]", score, value)
-    return metrics
-
-
-def final_metrics(clean: Mapping[str, Any], sea: Mapping[float, Mapping[str, Mapping[str, Any]]],
-                  train_hours: float, attack_hours: float,
-                  groups: Mapping[str, Mapping[float, Mapping[str, Mapping[str, Any]]]] | None = None,
-                  ) -> dict[str, float]:
-    """The final metric names and values of a trial (see SweepTracker.log_result); `groups` holds the scores
-    beside SEA's (`score_group` names: extra, defense_{d}_sea, defense_{d}_extra), each as `sea` is."""
-    metrics: dict[str, float] = {}
-    for key, value in clean.items():
-        if as_number(value) is not None:
-            metrics[metric_key(f"clean_{key}")] = _score(f"clean[{key!r}]", key, value)
-    metrics.update(_group_metrics(SEA_GROUP, sea))
-    for group, by_eps in (groups or {}).items():
-        if group == SEA_GROUP or not _GROUP.fullmatch(group):
-            raise ValueError(f"score group {group!r}: must be {EXTRA_GROUP!r}, 'defense_{{d}}_{SEA_GROUP}' or "
-                             f"'defense_{{d}}_{EXTRA_GROUP}'")
-        metrics.update(_group_metrics(group, by_eps))
-        if group.endswith("_" + SEA_GROUP) and by_eps:  # the defended model's clean scores, as clean_* are
-            first = by_eps[min(by_eps, key=float)].get("clean", {})
-            prefix = group[:-len(SEA_GROUP)]
-            for score, value in first.items():
-                if as_number(value) is not None:
-                    metrics[metric_key(f"{prefix}clean_{score}")] = _score(f"{group} clean[{score!r}]", score, value)
-    for name, value in (("train_hours", train_hours), ("attack_hours", attack_hours)):
-        number = as_number(value)
-        if number is None or number < 0:
-            raise ValueError(f"{name} = {value!r}: must be a number >= 0 (hours)")
-        metrics[name] = number
-    return metrics
 
 
 def _now_ms() -> int:
@@ -431,8 +323,8 @@ class SweepTracker:
                                    "run_id": run.info.run_id, "status": run.info.status}
             for short in SHORT_PARAMS:
                 row[short] = params.get(short)
-            for key in sorted(metrics, key=_metric_order):
-                if _is_final(key):
+            for key in sorted(metrics, key=metric_order):
+                if is_final(key):
                     row[key] = metrics[key]
             rows.append(row)
         return rows
@@ -478,135 +370,3 @@ def _numpy(array):
     import numpy as np
 
     return np.asarray(array)
-
-
-_FINAL = ("clean_", "sea_", f"{EXTRA_GROUP}_", "defense_")
-
-
-def _is_final(key: str) -> bool:
-    return key.startswith((*_FINAL, *(f"final_{p}" for p in _FINAL))) or key in ("train_hours", "attack_hours")
-
-
-_SEA_KEY = re.compile(
-    r"sea_(?:(?P<name>.+)_)?(?P<score>miou|miou_greedy|miou_by_acc|aacc|macc)_eps(?P<eps>[0-9.e+-]+)")
-_SCORES = {"miou": 0, "miou_greedy": 1, "miou_by_acc": 2, "aacc": 3, "macc": 4}
-_OTHER_GROUP_KEY = re.compile(
-    rf"(?:defense_(?P<defense>.+?)_)?(?P<group>{SEA_GROUP}|{EXTRA_GROUP}|clean)_(?:(?P<name>.+)_)?"
-    r"(?P<score>miou|miou_greedy|miou_by_acc|aacc|macc)(?:_eps(?P<eps>[0-9.e+-]+))?")
-
-
-def _eps_of(match: re.Match) -> float:
-    try:
-        return float(match.group("eps"))
-    except ValueError:
-        return math.inf
-
-
-def _metric_order(key: str) -> tuple:
-    """Column order: clean scores, SEA worst case, SEA per loss, SEA's clean, extra attacks, defences (clean,
-    SEA, extra attacks), hours; each by score then ε."""
-    if key.startswith("clean_"):
-        return (0, _SCORES.get(key[len("clean_"):], 9), 0.0, key)
-    if key in ("train_hours", "attack_hours"):
-        return (7, 0 if key == "train_hours" else 1, 0.0, key)
-    match = _SEA_KEY.fullmatch(key)
-    if match is None:
-        other = _OTHER_GROUP_KEY.fullmatch(key)
-        if other is None or (other.group("defense") is None and other.group("group") != EXTRA_GROUP):
-            return (6, 0, 0.0, key)
-        part = ("clean", SEA_GROUP, EXTRA_GROUP).index(other.group("group"))
-        eps = _eps_of(other) if other.group("eps") else 0.0
-        return (4 if other.group("defense") is None else 5, other.group("defense") or "", part,
-                _SCORES[other.group("score")], eps, other.group("name") or "")
-    name = match.group("name")
-    rank = 1 if name is None else 3 if name == "clean" else 2
-    return (rank, _SCORES[match.group("score")], _eps_of(match), name or "")
-
-
-def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    columns = list(SUMMARY_COLUMNS)
-    extra = []
-    for row in rows:
-        for key in row:
-            if key not in columns and key not in extra:
-                extra.append(key)
-    metrics = sorted((k for k in extra if _is_final(k)), key=_metric_order)
-    others = [k for k in extra if not _is_final(k) and k != "run_id"]
-    return columns + metrics + others + ["run_id"]
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4f}" if math.isfinite(value) else str(value)
-    return str(value)
-
-
-def summary_csv(rows: Sequence[Mapping[str, Any]]) -> str:
-    """All columns of the summary as CSV (scores as fractions in [0, 1])."""
-    columns = _columns(rows)
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
-    return out.getvalue()
-
-
-def _group_notes(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """What the extra attacks' and the defences' columns are, naming those that ran (only when some did)."""
-    attacks, defenses = set(), set()
-    for row in rows:
-        for key in row:
-            match = _OTHER_GROUP_KEY.fullmatch(key)
-            if match is None:
-                continue
-            if match.group("defense") is not None:
-                defenses.add(match.group("defense"))
-            elif match.group("group") == EXTRA_GROUP and match.group("name"):
-                attacks.add(match.group("name"))
-    notes = []
-    if attacks:
-        notes.append(f"{EXTRA_GROUP}_{{attack}}_*: the extra attacks ({', '.join(sorted(attacks))}), run at every ε "
-                     "on the SEA images and scored apart; they enter SEA's worst case (sea_*) only where the trial's "
-                     "sea.extra_in_worst is true.")
-    if defenses:
-        notes.append(f"defense_{{d}}_* ({', '.join(sorted(defenses))}): the model behind the non-local-means filter, "
-                     "scored clean, under SEA and under the extra attacks; nlm: attack points found on the bare model "
-                     "(non-adaptive), nlm-bpda: attacks through the filter with BPDA (the honest number).")
-    return notes
-
-
-def sea_ensemble(config: Config) -> str:
-    """The SEA ensemble a config runs, in words (for the summary)."""
-    sea = config.sea
-    track = "per-image cross-entropy" if sea.track == "ce" else "each loss itself"
-    return (f"APGD with red-ε, {sea.iterations} iterations for each of {', '.join(sea.losses)}; "
-            f"step sizes and restarts tracked by {track}")
-
-
-def summary_markdown(rows: Sequence[Mapping[str, Any]], ensemble: str | None = None) -> str:
-    """The headline columns as a Markdown table: settings, clean and worst-case SEA mIoU (the strongest and the
-    paper's greedy number), the extra attacks' and defences' mIoU when they ran; a note says what the two SEA
-    numbers, the protocols and those columns measure, and names the SEA ensemble when given (`sea_ensemble`).
-    Times are left to summary.csv and MLflow, so the same seed gives the same table."""
-    keep = [c for c in _columns(rows) if c in SUMMARY_COLUMNS or c in ("clean_miou", "clean_aacc")
-            or re.fullmatch(rf"(?:final_)?(?:{SEA_MIOU}|{SEA_MIOU_GREEDY})[\d.]+", c)
-            or re.fullmatch(rf"(?:{EXTRA_GROUP}_.+|defense_.+_{SEA_GROUP})_miou_eps[\d.]+|defense_.+_clean_miou", c)]
-    lines = ["| " + " | ".join(keep) + " |", "|" + "---|" * len(keep)]
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(k)).replace("|", "\\|") for k in keep) + " |")
-    note = [
-        "",
-        "Scores are fractions in [0, 1]; ε in units of 1/255; train and attack hours are in summary.csv.",
-        f"{SEA_MIOU}{{E}}: SEA's strongest valid worst case (a refined per-image choice, at most the greedy one).",
-        f"{SEA_MIOU_GREEDY}{{E}}: the paper's greedy worst case; this is the number comparable with the paper's "
-        "tables (protocol reference).",
-        "Scores without a prefix are for the checkpoint selected on the held-out selection images (never the val "
-        "images scored here); final_* for the last epoch's checkpoint.",
-        *(f"protocol {name}: {text}." for name, text in PROTOCOLS.items()),
-        *_group_notes(rows),
-        *([f"SEA ensemble: {ensemble}."] if ensemble else []),
-    ]
-    return "\n".join(lines) + "\n" + "\n".join(note) + "\n"

@@ -27,8 +27,9 @@ from data.pipeline import full_labels, val_collate, val_dataset
 from data.prepare import prepare_split
 from data.transforms import ignored_as, reference_crop
 from orchestrator.config import ConfigError, load_config, with_values
+from orchestrator.scores import final_metrics
 from orchestrator.sea_pool import eval_view, in_id_order, score_batch
-from orchestrator.tracking import SweepTracker, final_metrics
+from orchestrator.tracking import SweepTracker
 from tests.conftest import REPO
 from trainables.attacks import ScoreAt, SeaResult, aggregate, sea
 from trainables.metrics import intersection_union, label_area

@@ -15,8 +15,10 @@ from mlflow import MlflowClient
 
 from orchestrator.config import EXTRA_ATTACKS, SEA_DEFENSES, ConfigError, load_config
 from orchestrator.plan import build_plan, format_plan
+from orchestrator.scores import final_metrics, score_group
 from orchestrator.sea_pool import combine, image_key, score_batch
-from orchestrator.tracking import SweepTracker, final_metrics, score_group, summary_markdown
+from orchestrator.summary import summary_markdown
+from orchestrator.tracking import SweepTracker
 from tests.conftest import REPO
 from tests.segtoy import NUM_CLASSES, make_batch
 from trainables.attacks import ScoreAt, aggregate, fgsm, ifgsm, least_likely, sea

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from orchestrator.config import REPO_ROOT, SeaConfig, load_config
-from orchestrator.tracking import sea_ensemble, summary_markdown
+from orchestrator.summary import sea_ensemble, summary_markdown
 from tests.segtoy import NUM_CLASSES
 from trainables.attacks import SEA_LOSSES, SeaResult, aggregate, apgd, sea
 from trainables.losses import TRACKS

@@ -19,12 +19,11 @@ from data.classes import IGNORE_INDEX, VOC_PALETTE
 from orchestrator.config import ConfigError, load_config, with_values
 from orchestrator.plan import expand_trials
 from orchestrator.plots import colorize, example_grid, save_png, sea_curve, to_hwc_uint8
+from orchestrator.scores import final_metrics, metric_key
 from orchestrator.tracking import (
     REDACTED,
     SweepTracker,
     config_params,
-    final_metrics,
-    metric_key,
     redact,
     redact_tree,
 )
