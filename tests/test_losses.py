@@ -8,10 +8,10 @@ import torch
 
 from trainables.losses import (
     LOSS_NAMES,
-    LOSSES,
     AttackLoss,
     class_balance_weights,
     per_image_loss,
+    pixel_loss,
 )
 
 IGN = 255
@@ -65,7 +65,7 @@ def _direct(name, u, label, step=0, total=1, counts=None):
 def test_each_loss_matches_direct_per_pixel_computation(name):
     logits, y = _batch()
     step, total = 3, 10
-    got = LOSSES[name](logits, y, step=step, total_steps=total).numpy()
+    got = pixel_loss(name, logits, y, step=step, total_steps=total).numpy()
     u, lab = logits.numpy(), y.numpy()
     for n in range(lab.shape[0]):
         counts = np.bincount(lab[n][lab[n] != IGN], minlength=K)
@@ -156,7 +156,7 @@ def test_js_is_bounded_by_log2_and_zero_when_confidently_right():
     logits[0, 0, 0, 0] = 60.0  # confidently right
     logits[0, 1, 0, 1] = 60.0  # confidently wrong
     y = torch.zeros(1, 1, 3, dtype=torch.long)
-    js = LOSSES["js"](logits, y)[0, 0]
+    js = pixel_loss("js", logits, y)[0, 0]
     assert js[0] == pytest.approx(0.0, abs=1e-12)
     assert js[1] == pytest.approx(math.log(2), abs=1e-12)
     assert 0 < js[2] < math.log(2)
@@ -214,3 +214,23 @@ def test_scaled_gradient_is_the_summed_loss_gradient_times_an_exact_power_of_two
     if name != "mask-sph":  # |softmax − onehot| ≤ 1 per class: the summed loss's gradient is O(1), not O(1/pixels)
         assert float(scaled.abs().amax()) > 1e-2
         assert float(grad.abs().amax()) < 1e-4
+
+
+@pytest.mark.realpath
+def test_cross_entropy_and_its_gradient_equal_torchs():
+    logits, y = _batch(seed=7, n=3, h=5, w=4)
+    x = logits.clone().requires_grad_(True)
+    ours = pixel_loss("ce", x, y)
+    w = torch.rand(ours.shape, dtype=ours.dtype, generator=torch.Generator().manual_seed(1))
+    (grad,) = torch.autograd.grad((ours * w).sum(), x)
+    ref_x = logits.clone().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(ref_x, y, ignore_index=IGN, reduction="none")
+    (ref_grad,) = torch.autograd.grad((ref * w).sum(), ref_x)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+    # every loss's autograd gradient through it against finite differences (CosPGD's weight is not differentiated)
+    for name in (n for n in LOSS_NAMES if n != "cospgd"):
+        small = y[:, :2, :3]
+        assert torch.autograd.gradcheck(lambda t, name=name, small=small: per_image_loss(name, t, small, step=1,
+                                                                                         total_steps=3),
+                                        (logits[:, :, :2, :3].clone().requires_grad_(True),))

@@ -3,9 +3,10 @@
 Every loss is maximised by the attacks. Pixels labelled with the ignore value contribute zero loss and zero
 gradient. Per image, the per-pixel values are summed and divided by the number of labelled pixels.
 
-`LOSSES` holds the one implementation of each loss (autograd does the gradients); `AttackLoss` binds a loss to a
-batch of labels for the attacks: per call, the per-image value that drives APGD's step sizes, the correct pixels, and
-the objective to differentiate.
+`LOSSES` holds the one implementation of each loss, written on `PixelTerms` (what the losses share, computed once per
+batch: cross-entropy, the correct mask); autograd does the gradients, cross-entropy's being its closed form
+(`_CrossEntropy`, the one place it is computed). `AttackLoss` binds a loss to a batch of labels for the attacks: per
+call, the per-image value that drives APGD's step sizes, the correct pixels, and the objective to differentiate.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from data.classes import IGNORE_INDEX
@@ -73,75 +73,121 @@ def class_balance_weights(
     return valid.to(dtype) / per_pixel.clamp_min(1).to(dtype)
 
 
-def _correct(logits: Tensor, target: Tensor, valid: Tensor) -> Tensor:
-    return (logits.detach().argmax(1) == target) & valid
+def class_sum(t: Tensor) -> Tensor:
+    """Sum over the class dimension of N×K×H×W as a batched matrix product: differentiable, and on a CPU several
+    times faster than sum(1), whose reduction strides across the class planes."""
+    n, k = t.shape[:2]
+    return torch.bmm(t.new_ones(n, 1, k), t.reshape(n, k, -1)).view(n, *t.shape[2:])
 
 
-def _ce(logits: Tensor, y: Tensor, ignore_index: int) -> Tensor:
-    return F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="none")
+class _CrossEntropy(torch.autograd.Function):
+    """Per-pixel cross-entropy (0 on ignored pixels) from the per-pixel maximum logit, with its closed-form gradient
+    (softmax − onehot): F.cross_entropy's values, at a fraction of its CPU cost over N×K×H×W logits (one pass for
+    the shifted exponentials, class sums as matrix products, no one-hot or log-softmax tensor). The one place
+    cross-entropy is computed; every loss built on it gets its gradient through autograd. A workspace of the
+    logits' shape may be passed: the exponentials and then the gradient are written into it (fresh tensors of
+    this size cost page faults on every call), so it must not be reused before this backward has run, which may
+    then run once only."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, valid: Tensor, top: Tensor, workspace: Tensor | None) -> Tensor:
+        ctx.in_place = workspace is not None and workspace.shape == logits.shape and workspace.dtype == logits.dtype
+        if not ctx.in_place:
+            workspace = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        exp = torch.sub(logits, top.unsqueeze(1), out=workspace).exp_()
+        total = class_sum(exp)
+        u_y = logits.gather(1, target.unsqueeze(1)).squeeze(1)
+        ce = (total.log() + top - u_y) * valid
+        ctx.save_for_backward(exp, total, target, valid)
+        return ce
+
+    @staticmethod
+    def backward(ctx, grad_ce: Tensor):
+        exp, total, target, valid = ctx.saved_tensors
+        weight = grad_ce * valid
+        scale = (weight / total).unsqueeze(1)
+        grad = exp.mul_(scale) if ctx.in_place else exp * scale  # in the workspace: one backward, no new tensor
+        grad.scatter_add_(1, target.unsqueeze(1), -weight.unsqueeze(1))
+        return grad, None, None, None, None
 
 
-def ce_pixel(logits: Tensor, y: Tensor, *, ignore_index: int = IGNORE_INDEX, step: int = 0, total_steps: int = 1):
+class PixelTerms:
+    """What the losses share for one batch of logits and labels, each computed once: the target with ignored
+    pixels at class 0, the labelled mask, the per-pixel maximum, the correct mask and the (differentiable) CE."""
+
+    def __init__(self, logits: Tensor, y: Tensor, ignore_index: int = IGNORE_INDEX,
+                 workspace: Tensor | None = None):
+        self.logits, self.y, self.ignore_index, self.workspace = logits, y, ignore_index, workspace
+        self.target, self.valid = split_labels(y, ignore_index)
+        self._ce: Tensor | None = None
+        self._correct: Tensor | None = None
+        detached = logits.detach()
+        self.top = detached.amax(1)
+        self.u_y = detached.gather(1, self.target.unsqueeze(1)).squeeze(1)
+
+    @property
+    def ce(self) -> Tensor:
+        """Cross-entropy per pixel, 0 on ignored pixels."""
+        if self._ce is None:
+            self._ce = _CrossEntropy.apply(self.logits, self.target, self.valid, self.top, self.workspace)
+        return self._ce
+
+    @property
+    def correct(self) -> Tensor:
+        """Labelled pixels whose true-class logit is the maximum (argmax differs only on exact ties)."""
+        if self._correct is None:
+            self._correct = (self.u_y >= self.top) & self.valid
+        return self._correct
+
+
+def ce_pixel(t: PixelTerms, step: int = 0, total_steps: int = 1) -> Tensor:
     """Cross-entropy per pixel."""
-    return _ce(logits, y, ignore_index)
+    return t.ce
 
 
-def mce_pixel(logits: Tensor, y: Tensor, *, ignore_index: int = IGNORE_INDEX, step: int = 0, total_steps: int = 1):
+def mce_pixel(t: PixelTerms, step: int = 0, total_steps: int = 1) -> Tensor:
     """Mask-CE: cross-entropy on currently correct pixels only (the mask is not differentiated)."""
-    target, valid = split_labels(y, ignore_index)
-    return _ce(logits, y, ignore_index) * _correct(logits, target, valid)
+    return t.ce * t.correct
 
 
-def mce_bal_pixel(
-    logits: Tensor, y: Tensor, *, ignore_index: int = IGNORE_INDEX, step: int = 0, total_steps: int = 1
-):
+def mce_bal_pixel(t: PixelTerms, step: int = 0, total_steps: int = 1) -> Tensor:
     """Mask-CE-Bal: Mask-CE weighted by 1 / (labelled pixels of the pixel's class in its image)."""
-    weights = class_balance_weights(y, logits.shape[1], ignore_index, logits.dtype)
-    return mce_pixel(logits, y, ignore_index=ignore_index) * weights
+    weights = class_balance_weights(t.y, t.logits.shape[1], t.ignore_index, t.logits.dtype)
+    return mce_pixel(t) * weights
 
 
-def js_pixel(logits: Tensor, y: Tensor, *, ignore_index: int = IGNORE_INDEX, step: int = 0, total_steps: int = 1):
+def js_pixel(t: PixelTerms, step: int = 0, total_steps: int = 1) -> Tensor:
     """Jensen-Shannon divergence between softmax(logits) and the one-hot label, summed over classes (≤ log 2).
 
     With q the probability of the true class it reduces to ½[q·log(2q/(1+q)) + (1−q)·log 2 − log((1+q)/2)].
     """
-    target, valid = split_labels(y, ignore_index)
-    log_q = -F.cross_entropy(logits, target, reduction="none")
+    log_q = -t.ce
     q = log_q.exp()
     log1p_q = torch.log1p(q)
     js = 0.5 * (q * (_LOG2 + log_q - log1p_q) + (1.0 - q) * _LOG2 - (log1p_q - _LOG2))
-    return js * valid
+    return js * t.valid
 
 
-def segpgd_pixel(
-    logits: Tensor, y: Tensor, *, ignore_index: int = IGNORE_INDEX, step: int = 0, total_steps: int = 1
-):
+def segpgd_pixel(t: PixelTerms, step: int = 0, total_steps: int = 1) -> Tensor:
     """SegPGD: CE weighted by 1−λ on correct and λ on wrong pixels, λ = step / (2·total_steps)."""
-    target, valid = split_labels(y, ignore_index)
     lam = step / (2.0 * total_steps)
-    correct = _correct(logits, target, valid)
-    weight = (lam + (1.0 - 2.0 * lam) * correct.to(logits.dtype)) * valid
-    return _ce(logits, y, ignore_index) * weight
+    weight = (lam + (1.0 - 2.0 * lam) * t.correct.to(t.logits.dtype)) * t.valid
+    return t.ce * weight
 
 
-def cospgd_pixel(
-    logits: Tensor, y: Tensor, *, ignore_index: int = IGNORE_INDEX, step: int = 0, total_steps: int = 1
-):
+def cospgd_pixel(t: PixelTerms, step: int = 0, total_steps: int = 1) -> Tensor:
     """CosPGD: CE weighted by the (detached) cosine similarity of sigmoid(logits) and the one-hot label."""
-    target, valid = split_labels(y, ignore_index)
     with torch.no_grad():
-        s = torch.sigmoid(logits)
-        cos = s.gather(1, target.unsqueeze(1)).squeeze(1) / s.norm(dim=1).clamp_min(1e-12)
-    return _ce(logits, y, ignore_index) * cos * valid
+        s = torch.sigmoid(t.logits)
+        cos = s.gather(1, t.target.unsqueeze(1)).squeeze(1) / class_sum(s * s).sqrt().clamp_min(1e-12)
+    return t.ce * cos * t.valid
 
 
-def mask_sph_pixel(
-    logits: Tensor, y: Tensor, *, ignore_index: int = IGNORE_INDEX, step: int = 0, total_steps: int = 1
-):
+def mask_sph_pixel(t: PixelTerms, step: int = 0, total_steps: int = 1) -> Tensor:
     """Mask-Sph: minus the true-class entry of the ℓ2-normalised logits, on currently correct pixels only."""
-    target, valid = split_labels(y, ignore_index)
-    u_y = logits.gather(1, target.unsqueeze(1)).squeeze(1)
-    return -(u_y / logits.norm(dim=1).clamp_min(1e-12)) * _correct(logits, target, valid)
+    u_y = t.logits.gather(1, t.target.unsqueeze(1)).squeeze(1)
+    norm = class_sum(t.logits * t.logits).sqrt().clamp_min(1e-12)
+    return -(u_y / norm) * t.correct
 
 
 LOSSES: dict[str, Callable[..., Tensor]] = {
@@ -155,6 +201,18 @@ LOSSES: dict[str, Callable[..., Tensor]] = {
 }
 
 
+def pixel_loss(name: str, logits: Tensor, y: Tensor, *, ignore_index: int = IGNORE_INDEX, step: int = 0,
+               total_steps: int = 1) -> Tensor:
+    """Per-pixel loss `name` (N×H×W) of logits N×K×H×W against labels N×H×W."""
+    return LOSSES[check_loss_name(name)](PixelTerms(logits, y, ignore_index), step, total_steps)
+
+
+def image_mean(pixel: Tensor, t: PixelTerms) -> Tensor:
+    """Per image (N,): the per-pixel values summed over the image and divided by its labelled pixels."""
+    labelled = t.valid.sum((1, 2)).clamp_min(1).to(pixel.dtype)
+    return pixel.sum((1, 2)) / labelled
+
+
 def per_image_loss(
     name: str,
     logits: Tensor,
@@ -165,9 +223,8 @@ def per_image_loss(
     total_steps: int = 1,
 ) -> Tensor:
     """Per-image loss (N,): the per-pixel loss summed over the image and divided by its labelled pixels."""
-    pixel = LOSSES[check_loss_name(name)](logits, y, ignore_index=ignore_index, step=step, total_steps=total_steps)
-    labelled = (y != ignore_index).sum((1, 2)).clamp_min(1).to(pixel.dtype)
-    return pixel.sum((1, 2)) / labelled
+    t = PixelTerms(logits, y, ignore_index)
+    return image_mean(LOSSES[check_loss_name(name)](t, step, total_steps), t)
 
 
 class AttackLoss:
@@ -192,6 +249,7 @@ class AttackLoss:
         self.target, self.valid = split_labels(y, ignore_index)
         self.num_classes: int | None = None
         self.grad_scale: Tensor | None = None
+        self._workspace: Tensor | None = None  # reused by every call: an objective's backward runs before the next
 
     def _finalise(self, num_classes: int, dtype: torch.dtype) -> None:
         if self.check:
@@ -219,11 +277,12 @@ class AttackLoss:
                 self._finalise(logits.shape[1], logits.dtype)
             elif logits.shape[1] != self.num_classes:
                 raise ValueError(f"logits have {logits.shape[1]} classes, the loss was set up for {self.num_classes}")
-            loss = per_image_loss(self.name, logits, self.y, ignore_index=self.ignore_index, step=step,
-                                  total_steps=total_steps)
+            if self._workspace is None or self._workspace.shape != logits.shape or \
+                    self._workspace.dtype != logits.dtype or self._workspace.device != logits.device:
+                self._workspace = torch.empty_like(logits, memory_format=torch.contiguous_format)
+            terms = PixelTerms(logits, self.y, self.ignore_index, self._workspace)
+            loss = image_mean(LOSSES[self.name](terms, step, total_steps), terms)
             objective = (loss * self.grad_scale.to(loss.dtype)).sum()
-            with torch.no_grad():
-                correct = ((logits.argmax(1) == self.target) & self.valid).sum((1, 2))
-                value = loss.detach() if self.track == "own" else per_image_loss(
-                    "ce", logits, self.y, ignore_index=self.ignore_index)
+            correct = terms.correct.sum((1, 2))
+            value = loss.detach() if self.track == "own" else image_mean(terms.ce.detach(), terms)
         return value, correct, objective
