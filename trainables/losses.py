@@ -24,6 +24,7 @@ LOSS_NAMES = ("ce", "mce", "mce-bal", "js", "segpgd", "cospgd", "mask-sph")
 TRACKS = ("ce", "own")
 
 _LOG2 = math.log(2.0)
+_LOG2E = 1.0 / math.log(2.0)
 
 
 def check_loss_name(name: str) -> str:
@@ -94,10 +95,12 @@ class _CrossEntropy(torch.autograd.Function):
         ctx.in_place = workspace is not None and workspace.shape == logits.shape and workspace.dtype == logits.dtype
         if not ctx.in_place:
             workspace = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        exp = torch.sub(logits, top.unsqueeze(1), out=workspace).exp_()
+        # exp(u − max) as 2^(log2(e)·u − log2(e)·max): one fused pass for shift and scale, and exp2 is several
+        # times faster than exp on a CPU
+        exp = torch.add((-_LOG2E) * top.unsqueeze(1), logits, alpha=_LOG2E, out=workspace).exp2_()
         total = class_sum(exp)
         u_y = logits.gather(1, target.unsqueeze(1)).squeeze(1)
-        ce = (total.log() + top - u_y) * valid
+        ce = total.log().add_(top).sub_(u_y).mul_(valid)
         ctx.save_for_backward(exp, total, target, valid)
         return ce
 
@@ -210,7 +213,7 @@ def pixel_loss(name: str, logits: Tensor, y: Tensor, *, ignore_index: int = IGNO
 def image_mean(pixel: Tensor, t: PixelTerms) -> Tensor:
     """Per image (N,): the per-pixel values summed over the image and divided by its labelled pixels."""
     labelled = t.valid.sum((1, 2)).clamp_min(1).to(pixel.dtype)
-    return pixel.sum((1, 2)) / labelled
+    return (pixel * (t.valid.to(pixel.dtype) / labelled.view(-1, 1, 1))).sum((1, 2))
 
 
 def per_image_loss(
