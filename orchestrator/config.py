@@ -97,9 +97,19 @@ class ModelConfig(_Section):
     )
     decoder_width: int = Field(512, ge=8)
     drop_path_rate: float = Field(0.0, ge=0, lt=1, description="stochastic depth of the backbone's blocks (timm)")
+    weights: Optional[str] = Field(
+        None, description="URI of whole-model weights (published PIR-AT layout or this project's checkpoint), loaded "
+                          "strictly; their recorded input normalisation replaces model.input_norm",
+    )
+    input_norm: Literal["imagenet", "none"] = Field(
+        "imagenet", description="imagenet: mean/std normalisation as the model's first layer; none: the backbone "
+                                "sees [0, 1] images (the paper's models)",
+    )
 
     @model_validator(mode="after")
     def _weights(self) -> ModelConfig:
+        if self.weights and self.backbone_weights:
+            raise ValueError("model.weights loads the whole model; drop model.backbone_weights, which it overwrites")
         if self.init in ("pir", "clean") and not self.backbone_weights:
             raise ValueError(f"init {self.init!r} needs model.backbone_weights (a checkpoint URI)")
         if self.init == "random" and self.backbone_weights:
@@ -514,6 +524,7 @@ def resolve_paths(config: Config, base: str | Path) -> Config:
     raw["data"]["shards"] = _absolute_uri(raw["data"]["shards"], base)
     raw["data"]["root"] = _absolute_uri(raw["data"]["root"], base)
     raw["model"]["backbone_weights"] = _absolute_uri(raw["model"]["backbone_weights"], base)
+    raw["model"]["weights"] = _absolute_uri(raw["model"]["weights"], base)
     raw["sweep"]["storage_path"] = _absolute_uri(raw["sweep"]["storage_path"], base)
     return validate(raw)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import timm
 import torch
+from timm.layers import LayerNorm2d
 from torch import nn
 
 from trainables.models.stems import STEMS, set_convnext_stem
@@ -45,8 +46,30 @@ class ViTPatchTokens(nn.Module):
         return self.model.forward_intermediates(x, indices=1, norm=True, output_fmt="NCHW", intermediates_only=True)
 
 
+class ConvNeXtFeatures(nn.Module):
+    """A timm ConvNeXt (head removed) returning its four stage outputs, each through its own channels-first
+    LayerNorm (`norm0..3`, eps 1e-6) as the paper's backbone does; the next stage continues from the un-normed map.
+    """
+
+    def __init__(self, name: str, stem: str = "patch", drop_path_rate: float = 0.0):
+        super().__init__()
+        getter = timm.create_model(
+            name, pretrained=False, features_only=True, feature_cls="getter", out_indices=(0, 1, 2, 3),
+            drop_path_rate=drop_path_rate,
+        )
+        self.model = set_convnext_stem(getter.model, stem)
+        self.channels = getter.feature_info.channels()
+        self.reduction = getter.feature_info.reduction()[-1]
+        for index, channels in enumerate(self.channels):
+            self.add_module(f"norm{index}", LayerNorm2d(channels, eps=1e-6))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        stages = self.model.forward_intermediates(x, indices=[0, 1, 2, 3], output_fmt="NCHW", intermediates_only=True)
+        return [getattr(self, f"norm{index}")(stage) for index, stage in enumerate(stages)]
+
+
 def create_backbone(name: str, stem: str = "patch", drop_path_rate: float = 0.0) -> nn.Module:
-    """A randomly initialised backbone with `.channels` (per output map) and `.reduction` (input multiple)."""
+    """A randomly initialised backbone with `.channels` (per output map) and `.reduction` (total stride)."""
     kind = family(name)
     if stem not in STEMS:
         raise ValueError(f"model.stem = {stem!r}: must be one of {', '.join(STEMS)}")
@@ -55,11 +78,4 @@ def create_backbone(name: str, stem: str = "patch", drop_path_rate: float = 0.0)
             raise ValueError(f"model.stem = {stem!r}: the CvSt stem exists for ConvNeXt backbones only; use 'patch' "
                              f"with {name}")
         return ViTPatchTokens(name, drop_path_rate)
-    features = timm.create_model(
-        name, pretrained=False, features_only=True, feature_cls="getter", out_indices=(0, 1, 2, 3),
-        drop_path_rate=drop_path_rate,
-    )
-    set_convnext_stem(features.model, stem)
-    features.channels = features.feature_info.channels()
-    features.reduction = features.feature_info.reduction()[-1]
-    return features
+    return ConvNeXtFeatures(name, stem, drop_path_rate)
