@@ -296,6 +296,16 @@ class EvalConfig(_Section):
         "reference", description="how clean and SEA scores are measured; " + "; ".join(
             f"{name}: {text}" for name, text in PROTOCOLS.items()),
     )
+    # experiments/sea_eval.py (SEA as a job of its own) only:
+    name: str = Field("sea-eval", description="sea_eval.py: the parent MLflow run's name and the output folder's")
+    label: Optional[str] = Field(None, description="sea_eval.py: the model's name in runs and tables "
+                                                   "(null: decoder-backbone-stem)")
+    block_images: int = Field(16, ge=1, description="sea_eval.py: images per block; each finished block is "
+                                                    "written to eval.output at once and --resume skips it")
+    output: Optional[str] = Field(None, description="sea_eval.py: URI of the blocks and artifacts "
+                                                    "(null: {sweep.storage_path}/sea_eval/{eval.name})")
+    examples: list[str] = Field(default_factory=list, description="sea_eval.py: image ids shown in the grid of "
+                                                                  "adversarial examples (empty: the first 4)")
 
 
 class TrackingConfig(_Section):
