@@ -209,3 +209,111 @@ def test_own_checkpoint_round_trips_with_its_input_normalisation(tmp_path):
     x = torch.rand(2, 3, 48, 40)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), model(x))
+
+
+VIT_S = {"dim": 384, "depth": 12, "heads": 6, "decoder_depth": 2}
+
+
+def published_segmenter_state(classes: int, grid: int = 32, seed: int = 1) -> dict[str, torch.Tensor]:
+    """A published-layout Segmenter ViT-S/16 state dict (encoder.*, decoder.*), every tensor random; the encoder's
+    position embeddings on a grid x grid token grid (32: trained at 512) and its unused 1000-way head included."""
+    g = torch.Generator().manual_seed(seed)
+    d = VIT_S["dim"]
+
+    def lin(prefix, cout, cin):
+        return {f"{prefix}.weight": torch.randn(cout, cin, generator=g) / cin**0.5,
+                f"{prefix}.bias": 0.1 * torch.randn(cout, generator=g)}
+
+    def ln(prefix, c):
+        return {f"{prefix}.weight": 1 + 0.2 * torch.randn(c, generator=g),
+                f"{prefix}.bias": 0.1 * torch.randn(c, generator=g)}
+
+    def block(prefix):
+        return {**ln(f"{prefix}.norm1", d), **lin(f"{prefix}.attn.qkv", 3 * d, d), **lin(f"{prefix}.attn.proj", d, d),
+                **ln(f"{prefix}.norm2", d), **lin(f"{prefix}.mlp.fc1", 4 * d, d), **lin(f"{prefix}.mlp.fc2", d, 4 * d)}
+
+    s = {"encoder.patch_embed.proj.weight": torch.randn(d, 3, 16, 16, generator=g) / (3 * 256) ** 0.5,
+         "encoder.patch_embed.proj.bias": 0.1 * torch.randn(d, generator=g),
+         "encoder.cls_token": 0.5 * torch.randn(1, 1, d, generator=g),
+         "encoder.pos_embed": 0.5 * torch.randn(1, grid * grid + 1, d, generator=g)}
+    for i in range(VIT_S["depth"]):
+        s.update(block(f"encoder.blocks.{i}"))
+    s.update(ln("encoder.norm", d))
+    s.update(lin("encoder.head", 1000, d))
+    s.update(lin("decoder.proj_dec", d, d))
+    s["decoder.cls_emb"] = torch.randn(1, classes, d, generator=g)
+    for i in range(VIT_S["decoder_depth"]):
+        s.update(block(f"decoder.blocks.{i}"))
+    s.update(ln("decoder.decoder_norm", d))
+    s["decoder.proj_patch"] = torch.randn(d, d, generator=g) / d**0.5
+    s["decoder.proj_classes"] = torch.randn(d, d, generator=g) / d**0.5
+    s.update(ln("decoder.mask_norm", classes))
+    return s
+
+
+def segmenter_reference_forward(s: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Logits of the published Segmenter, eval mode, from the facts: zero-pad to 16, class token first, position
+    embeddings resized bilinearly only when the grid differs, LayerNorm eps 1e-5, class embeddings after the patch
+    tokens, cosine masks then LayerNorm over classes, upsample to the padded size, crop."""
+    d, heads = VIT_S["dim"], VIT_S["heads"]
+
+    def ln(t, p):
+        return F.layer_norm(t, (t.shape[-1],), s[f"{p}.weight"], s[f"{p}.bias"], eps=1e-5)
+
+    def lin(t, p):
+        return F.linear(t, s[f"{p}.weight"], s[f"{p}.bias"])
+
+    def block(t, p):
+        b, n, _ = t.shape
+        qkv = lin(ln(t, f"{p}.norm1"), f"{p}.attn.qkv").reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        attn = (qkv[0] @ qkv[1].transpose(-2, -1) * (d // heads) ** -0.5).softmax(-1)
+        t = t + lin((attn @ qkv[2]).transpose(1, 2).reshape(b, n, d), f"{p}.attn.proj")
+        return t + lin(F.gelu(lin(ln(t, f"{p}.norm2"), f"{p}.mlp.fc1")), f"{p}.mlp.fc2")
+
+    height, width = x.shape[-2:]
+    padded = F.pad(x, (0, (-width) % 16, 0, (-height) % 16))
+    t = F.conv2d(padded, s["encoder.patch_embed.proj.weight"], s["encoder.patch_embed.proj.bias"], stride=16)
+    gh, gw = t.shape[-2:]
+    t = torch.cat([s["encoder.cls_token"].expand(x.shape[0], -1, -1), t.flatten(2).transpose(1, 2)], 1)
+    pos = s["encoder.pos_embed"]
+    side = int(round((pos.shape[1] - 1) ** 0.5))
+    if (side, side) != (gh, gw):
+        grid = F.interpolate(pos[:, 1:].reshape(1, side, side, d).permute(0, 3, 1, 2), size=(gh, gw),
+                             mode="bilinear", align_corners=False)
+        pos = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, gh * gw, d)], 1)
+    t = t + pos
+    for i in range(VIT_S["depth"]):
+        t = block(t, f"encoder.blocks.{i}")
+    t = ln(t, "encoder.norm")[:, 1:]
+    classes = s["decoder.cls_emb"].shape[1]
+    t = torch.cat([lin(t, "decoder.proj_dec"), s["decoder.cls_emb"].expand(x.shape[0], -1, -1)], 1)
+    for i in range(VIT_S["decoder_depth"]):
+        t = block(t, f"decoder.blocks.{i}")
+    t = ln(t, "decoder.decoder_norm")
+    patches, cls = t[:, :-classes] @ s["decoder.proj_patch"], t[:, -classes:] @ s["decoder.proj_classes"]
+    patches = patches / patches.norm(dim=-1, keepdim=True)
+    cls = cls / cls.norm(dim=-1, keepdim=True)
+    masks = ln(patches @ cls.transpose(1, 2), "decoder.mask_norm")
+    masks = masks.transpose(1, 2).reshape(x.shape[0], classes, gh, gw)
+    masks = F.interpolate(masks, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+    return masks[..., :height, :width]
+
+
+@pytest.mark.slow
+def test_published_segmenter_logits_match_an_independent_forward_at_512_and_473(tmp_path):
+    state = published_segmenter_state(151)
+    torch.save(state, tmp_path / "segmenter.pth")
+    model = build_model("segmenter", "vit_small_patch16_224", 151, decoder_width=384,
+                        weights=str(tmp_path / "segmenter.pth")).eval()
+    report = model.init_report
+    assert (report["layout"], report["ignored"], model.input_norm) == ("published segmenter", 2, "none")
+    assert report["loaded"] == len(state) - 2
+    for n, size in enumerate((512, 473)):
+        x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(n))
+        with torch.no_grad():
+            ours, theirs = model(x), segmenter_reference_forward(state, x)
+        assert ours.shape == (1, 151, size, size)
+        assert theirs.std() > 0.3, "logits too flat for the comparison to mean anything"
+        diff = (ours - theirs).abs().max().item()
+        print(f"segmenter {size}x{size}: max |ours - independent| = {diff:.2e} (logit std {theirs.std():.2f})")
+        assert diff < 1e-4

@@ -2,13 +2,16 @@
 
 A checkpoint is read as backbone weights are (`weights_only`, every URI scheme; one that would run code is
 refused). Accepted layouts: a published UPerNet-ConvNeXt state dict (`backbone.downsample_layers.*`,
-`backbone.stages.*`, `backbone.norm0..3`, `decode_head.*`, `auxiliary_head.*`), a training state of this project
-(`state.pt`: `model` plus `model_config`), or a plain state dict of this project's model. Every tensor must be
+`backbone.stages.*`, `backbone.norm0..3`, `decode_head.*`, `auxiliary_head.*`), a published Segmenter state dict
+(`encoder.*`, `decoder.*`; the encoder's unused 1000-way head is left out and counted as ignored; its position
+embeddings keep their own token grid), a training state of this project (`state.pt`: `model` plus
+`model_config`), or a plain state dict of this project's model. Every tensor must be
 used and every shape equal; otherwise the error lists the first mismatches in the checkpoint's own key names.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -30,7 +33,19 @@ PUBLISHED_BACKBONE = (
     (re.compile(r"^backbone\.stages\.(\d+)\.(\d+)\.pwconv2\.(.+)$"), r"backbone.model.stages.\1.blocks.\2.mlp.fc2.\3"),
     (re.compile(r"^backbone\.stages\.(\d+)\.(\d+)\.(norm\..+|gamma)$"), r"backbone.model.stages.\1.blocks.\2.\3"),
 )
-PUBLISHED_SEGMENTER = ("encoder.", "decoder.")
+# Published Segmenter key prefix -> this project's; the encoder's 1000-way head is unused by the network.
+PUBLISHED_SEGMENTER = (
+    ("encoder.", "backbone.model."),
+    ("decoder.proj_dec.", "decode_head.proj_in."),
+    ("decoder.cls_emb", "decode_head.class_embed"),
+    ("decoder.blocks.", "decode_head.blocks."),
+    ("decoder.decoder_norm.", "decode_head.norm."),
+    ("decoder.proj_patch", "decode_head.proj_patch"),
+    ("decoder.proj_classes", "decode_head.proj_class"),
+    ("decoder.mask_norm.", "decode_head.mask_norm."),
+)
+UNUSED_SEGMENTER = ("encoder.head.",)
+POS_EMBED = "backbone.model.pos_embed"
 # BatchNorm's step counter carries no weight; a checkpoint without it loads with zeros.
 OPTIONAL_SUFFIX = ".num_batches_tracked"
 
@@ -94,17 +109,26 @@ def inspect_checkpoint(checkpoint: Any, uri: str = "<checkpoint>") -> dict[str, 
     elif isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         layout, state = "state_dict", state["state_dict"]
     tensors = _tensors(uri, state)
-    if any(k.startswith(PUBLISHED_SEGMENTER) for k in tensors) and not any(k.startswith("backbone.") for k in tensors):
-        raise ModelWeightsError(
-            f"{KEY} {uri}: the published Segmenter layout (encoder.*, decoder.*) is not supported yet; "
-            "supported: the published UPerNet-ConvNeXt layout and this project's checkpoints"
-        )
+    ignored: list[str] = []
+    if any(k.startswith("encoder.") for k in tensors) and any(k.startswith("decoder.") for k in tensors):
+        ignored = sorted(k for k in tensors if k.startswith(UNUSED_SEGMENTER))
+        names = {_segmenter_name(k): k for k in tensors if k not in ignored}
+        state = {p: tensors[k] for p, k in names.items()}
+        return {"state": state, "names": names, "layout": "published segmenter", "input_norm": "none",
+                "model_config": None, "num_classes": _classes(state), "ignored": ignored}
     if is_published(tensors):
         names = {_published_name(k): k for k in tensors}
         return {"state": {p: tensors[k] for p, k in names.items()}, "names": names, "layout": "published",
-                "input_norm": "none", "model_config": None, "num_classes": _classes(tensors)}
+                "input_norm": "none", "model_config": None, "num_classes": _classes(tensors), "ignored": ignored}
     return {"state": tensors, "names": {k: k for k in tensors}, "layout": layout, "input_norm": input_norm,
-            "model_config": model_config, "num_classes": _classes(tensors)}
+            "model_config": model_config, "num_classes": _classes(tensors), "ignored": ignored}
+
+
+def _segmenter_name(key: str) -> str:
+    for prefix, target in PUBLISHED_SEGMENTER:
+        if key.startswith(prefix):
+            return target + key[len(prefix):]
+    return key
 
 
 def _classes(state: Mapping[str, torch.Tensor]) -> int | None:
@@ -135,6 +159,12 @@ def load_model_weights(model: nn.Module, uri: str, checkpoint: Any | None = None
     if info["layout"] == "published":  # the published pointwise Linear layers in a 1x1-conv MLP (small ConvNeXts)
         state = {k: v.view(own[k].shape) if k in own and own[k].shape == v.shape + (1, 1) else v
                  for k, v in state.items()}
+    pos = state.get(POS_EMBED)
+    if pos is not None and POS_EMBED in own and pos.shape != own[POS_EMBED].shape and pos.ndim == 3 \
+            and pos.shape[0] == 1 and pos.shape[2] == own[POS_EMBED].shape[2] and _square(pos.shape[1] - 1):
+        # the ViT's position embeddings on the checkpoint's own token grid (trained at its crop size)
+        model.backbone.model.pos_embed = nn.Parameter(torch.zeros_like(pos))
+        own = model.state_dict()
     missing = sorted(k for k in own if k not in state and not k.endswith(OPTIONAL_SUFFIX))
     unexpected = sorted(names[k] for k in state if k not in own)
     reshaped = sorted(f"{names[k]} {tuple(v.shape)} vs {tuple(own[k].shape)}"
@@ -152,4 +182,9 @@ def load_model_weights(model: nn.Module, uri: str, checkpoint: Any | None = None
     model.load_state_dict(full, strict=True)
     if info["input_norm"] is not None:
         model.input_norm = info["input_norm"]
-    return {"uri": uri, "layout": info["layout"], "loaded": len(state), "input_norm": model.input_norm}
+    return {"uri": uri, "layout": info["layout"], "loaded": len(state), "ignored": len(info["ignored"]),
+            "input_norm": model.input_norm}
+
+
+def _square(tokens: int) -> bool:
+    return tokens > 0 and math.isqrt(tokens) ** 2 == tokens
