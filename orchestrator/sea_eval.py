@@ -143,20 +143,36 @@ def build_plan(config: Config, tracking_uri: str, *, ids: list[str] | None = Non
     ids = ids or []
     size = config.eval.block_images
     blocks = [ids[i:i + size] for i in range(0, len(ids), size)]
-    return EvalPlan(config, label, output_uri(config), len(ids), blocks, config.sea.max_actors, layout, input_norm)
+    images = len(ids) or planned_images(config)
+    return EvalPlan(config, label, output_uri(config), images, blocks, config.sea.max_actors, layout, input_norm)
+
+
+def planned_images(config: Config) -> int:
+    """Images the job will score, from the val shards' manifest when they exist (0: not known yet)."""
+    from orchestrator.train import shard_uris
+
+    val = shard_uris(config)[2]
+    try:
+        total = int(shards.read_manifest(val)["total_rows"]) if shards.exists(shards.join(val, shards.MANIFEST)) else 0
+    except Exception:  # an unreadable manifest is the data stage's to report, not the plan's
+        total = 0
+    if not total:
+        return 0
+    return min(total, config.sea.images) if config.sea.images else total
 
 
 def format_plan(plan: EvalPlan) -> str:
     """The --dry-run text: model, images, blocks, actors and the attack iterations the job will run."""
     c = plan.config
     sea = c.sea
-    images = plan.images if plan.images else (f"{sea.images} (cap)" if sea.images else "all val images")
+    images = plan.images or (f"up to {sea.images}" if sea.images else "all val images (shards not prepared yet)")
     return "\n".join([
         f"SEA evaluation {c.eval.name!r}: model {plan.label} ({c.model.decoder}, {c.model.backbone}, stem "
         f"{c.model.stem}, {c.data.num_classes} classes)",
         f"  weights: {c.model.weights} (layout {plan.layout}, input normalisation {plan.input_norm})",
         f"  data: {c.data.val_dataset} {c.data.val_split}, images: {images}, protocol {c.eval.protocol}",
-        f"  blocks: {len(plan.blocks) or '?'} of {c.eval.block_images} images -> {plan.output}/{BLOCKS}",
+        f"  blocks: {math.ceil(plan.images / c.eval.block_images) if plan.images else '?'} of "
+        f"{c.eval.block_images} images -> {plan.output}/{BLOCKS}",
         f"  actors: {plan.actors} ({sea.cpus_per_actor:g} CPU, {sea.gpus_per_actor:g} GPU each)",
         f"  SEA: eps {', '.join(eps_label(e) + '/255' for e in sea.eps)}; losses {', '.join(sea.losses)}; "
         f"{sea.iterations} iterations each"

@@ -8,6 +8,8 @@ stage's output, the CvSt stem, UPerNet with pyramid pooling (1, 2, 3, 6), top-do
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -317,3 +319,28 @@ def test_published_segmenter_logits_match_an_independent_forward_at_512_and_473(
         diff = (ours - theirs).abs().max().item()
         print(f"segmenter {size}x{size}: max |ours - independent| = {diff:.2e} (logit std {theirs.std():.2f})")
         assert diff < 1e-4
+
+
+def test_pir_at_training_adds_the_auxiliary_loss_with_weight_0_4():
+    from orchestrator.config import load_config
+    from trainables.pir_at import PirAt, StepTimes
+
+    config = load_config(Path(__file__).resolve().parent.parent / "experiments" / "configs" / "demo.yaml",
+                         ["train.attack.steps=0", "model.decoder_width=16"]).model_dump(mode="json")
+    trainer = PirAt(config, 21, steps_per_epoch=4)
+    model = trainer.module
+    assert model.auxiliary_head is not None and model.aux_weight == 0.4
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 21, (2, 64, 64), generator=torch.Generator().manual_seed(1))
+    y[:, :4] = 255
+    model.train()
+    with torch.no_grad():
+        logits, aux = model(x, with_aux=True)
+    main = F.cross_entropy(logits, y, ignore_index=255)
+    expected = main + 0.4 * F.cross_entropy(aux, y, ignore_index=255)
+    assert aux.shape == logits.shape == (2, 21, 64, 64)
+    assert abs(float(expected - main)) > 0.1, "the auxiliary term is too small for the check to mean anything"
+    before = {k: v.clone() for k, v in model.auxiliary_head.state_dict().items() if v.is_floating_point()}
+    loss = trainer.step(x, y, StepTimes())
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert any(not torch.equal(before[k], v) for k, v in model.auxiliary_head.state_dict().items() if k in before)
