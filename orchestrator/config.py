@@ -534,7 +534,11 @@ def resolve_paths(config: Config, base: str | Path) -> Config:
     raw["data"]["shards"] = _absolute_uri(raw["data"]["shards"], base)
     raw["data"]["root"] = _absolute_uri(raw["data"]["root"], base)
     raw["model"]["backbone_weights"] = _absolute_uri(raw["model"]["backbone_weights"], base)
-    raw["model"]["weights"] = _absolute_uri(raw["model"]["weights"], base)
+    weights = raw["model"]["weights"]  # an MLflow run id (runs:/<id> or 32 hex digits) is not a path
+    run_id = weights and (weights.startswith("runs:/")
+                          or (len(weights) == 32 and set(weights) <= set("0123456789abcdef")))
+    if not run_id:
+        raw["model"]["weights"] = _absolute_uri(weights, base)
     raw["sweep"]["storage_path"] = _absolute_uri(raw["sweep"]["storage_path"], base)
     return validate(raw)
 

@@ -173,3 +173,13 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, weights, capsys, _quiet_env):
         assert len(lines) == 1 and lines[0].startswith("input error: "), lines
         assert re.search(message, lines[0]), lines[0]
     assert not (tmp_path / "bad").exists() and not (tmp_path / "shards").exists()
+
+
+def test_weights_given_as_an_mlflow_run_id_stay_a_run_id(tmp_path):
+    from orchestrator.config import load_config, resolve_paths
+
+    demo = REPO / "experiments" / "configs" / "eval_demo.yaml"
+    for value in ("0123456789abcdef0123456789abcdef", "runs:/0123456789abcdef0123456789abcdef"):
+        assert resolve_paths(load_config(demo, [f"model.weights={value}"]), tmp_path).model.weights == value
+    relative = resolve_paths(load_config(demo, ["model.weights=ckpt/state.pt"]), tmp_path).model.weights
+    assert relative == str(tmp_path / "ckpt" / "state.pt")
