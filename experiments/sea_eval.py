@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         config = resolve_paths(load_config(args.config, args.overrides), Path.cwd())
         tracking_uri = resolve_tracking_uri(config, override_given="tracking.uri" in parse_overrides(args.overrides))
         if args.dry_run:
-            print(format_plan(build_plan(config, tracking_uri)))
+            print(format_plan(build_plan(config, tracking_uri, dry_run=True)))
             return 0
         run(config, tracking_uri, resume=args.resume)
     except (ConfigError, EvalInputError) as exc:

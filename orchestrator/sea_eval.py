@@ -37,6 +37,10 @@ class EvalInputError(ValueError):
     """Bad input to the evaluation job (weights, layout, class count): one line, exit code 2."""
 
 
+class EvalWeightsNotFound(EvalInputError):
+    """model.weights points at nothing (a PLACEHOLDER left in a recipe, say)."""
+
+
 @dataclass
 class EvalPlan:
     """What the job will do: the resolved config, the model's label, the blocks and where they go."""
@@ -88,10 +92,12 @@ def resolve_weights(config: Config, tracking_uri: str) -> str:
 def _architecture(config: Config, weights: str) -> tuple[Config, str, str]:
     """The config with the model section a project checkpoint records (decoder, backbone, ...) and weights set;
     the checkpoint's layout and input normalisation. EvalInputError for what cannot be loaded."""
-    from trainables.models import ModelWeightsError, inspect_checkpoint, read_model_checkpoint
+    from trainables.models import ModelWeightsError, ModelWeightsNotFound, inspect_checkpoint, read_model_checkpoint
 
     try:
         info = inspect_checkpoint(read_model_checkpoint(weights), weights)
+    except ModelWeightsNotFound as exc:
+        raise EvalWeightsNotFound(str(exc)) from None
     except ModelWeightsError as exc:
         raise EvalInputError(str(exc)) from None
     values: dict[str, Any] = {"model.weights": weights, "model.backbone_weights": None}
@@ -133,11 +139,18 @@ def image_ids(config: Config) -> list[str]:
     return sorted(str(row["id"]) for row in dataset.select_columns(["id"]).take_all())
 
 
-def build_plan(config: Config, tracking_uri: str, *, ids: list[str] | None = None) -> EvalPlan:
-    """Resolve the weights, check the model, and split the images into blocks (ids: known image ids)."""
+def build_plan(config: Config, tracking_uri: str, *, ids: list[str] | None = None, dry_run: bool = False) -> EvalPlan:
+    """Resolve the weights, check the model, and split the images into blocks (ids: known image ids). A dry run
+    reports weights that are not found (a recipe's PLACEHOLDER) in the plan instead of failing."""
     weights = resolve_weights(config, tracking_uri)
-    config, layout, input_norm = _architecture(config, weights)
-    check_model(config)
+    try:
+        config, layout, input_norm = _architecture(config, weights)
+        check_model(config)
+    except EvalWeightsNotFound:
+        if not dry_run:
+            raise
+        config = with_values(config, {"model.weights": weights, "model.backbone_weights": None})
+        layout, input_norm = "NOT FOUND: edit the PLACEHOLDER", config.model.input_norm
     m = config.model
     label = config.eval.label or f"{m.decoder}-{m.backbone}-{m.stem}"
     ids = ids or []
@@ -506,4 +519,4 @@ def run(config: Config, tracking_uri: str, *, resume: bool = False, say=None) ->
     return plan, {"metrics": metrics, "run_id": run_id, **counts}
 
 
-__all__ = ["ConfigError", "EvalInputError", "EvalPlan", "build_plan", "format_plan", "run"]
+__all__ = ["ConfigError", "EvalInputError", "EvalPlan", "EvalWeightsNotFound", "build_plan", "format_plan", "run"]

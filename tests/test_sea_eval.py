@@ -183,3 +183,17 @@ def test_weights_given_as_an_mlflow_run_id_stay_a_run_id(tmp_path):
         assert resolve_paths(load_config(demo, [f"model.weights={value}"]), tmp_path).model.weights == value
     relative = resolve_paths(load_config(demo, ["model.weights=ckpt/state.pt"]), tmp_path).model.weights
     assert relative == str(tmp_path / "ckpt" / "state.pt")
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "experiments" / "configs").glob("eval_*.yaml")), ids=lambda p: p.stem)
+def test_every_eval_recipe_dry_runs_and_names_its_placeholder(recipe, capsys, _quiet_env):
+    weights = [] if recipe.stem != "eval_demo" else ["model.weights=/nonexistent/state.pt"]
+    assert _main(recipe, "--dry-run", *weights) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "layout NOT FOUND: edit the PLACEHOLDER" in out and "SEA: eps 4/255, 8/255" in out
+
+
+def test_the_five_published_models_have_recipes():
+    names = {p.stem for p in (REPO / "experiments" / "configs").glob("eval_*.yaml")}
+    assert names == {"eval_demo", "eval_voc_convnext_t", "eval_voc_convnext_s", "eval_ade20k_convnext_t",
+                     "eval_ade20k_convnext_s", "eval_ade20k_segmenter_vit_s"}
