@@ -130,13 +130,28 @@ def output_uri(config: Config) -> str:
     return f"{config.sweep.storage_path.rstrip('/')}/sea_eval/{config.eval.name}"
 
 
-def image_ids(config: Config) -> list[str]:
-    """The val image ids scored, sorted (the order of the blocks and of SEA's greedy mIoU walk)."""
-    from data.pipeline import val_dataset
+def _val_tables(config: Config):
+    """The val shards' tables in manifest order (each checked against its sha256), cut at sea.images rows.
+
+    Read on the driver, not with Ray Data: the actors may hold every CPU of a small cluster, and a Ray Data read
+    would then wait for them while they wait for its rows."""
     from orchestrator.train import shard_uris
 
-    dataset = val_dataset(shard_uris(config)[2], **eval_view(config), limit=config.sea.images)
-    return sorted(str(row["id"]) for row in dataset.select_columns(["id"]).take_all())
+    val = shard_uris(config)[2]
+    remaining = config.sea.images
+    for shard in shards.read_manifest(val)["shards"]:
+        table = shards.read_shard(shards.join(val, shard["file"]), shard["sha256"], shard["rows"])
+        if remaining is not None:
+            table = table.slice(0, remaining)
+            remaining -= table.num_rows
+        yield table
+        if remaining == 0:
+            return
+
+
+def image_ids(config: Config) -> list[str]:
+    """The val image ids scored, sorted (the order of the blocks and of SEA's greedy mIoU walk)."""
+    return sorted(str(i) for table in _val_tables(config) for i in table.column("id").to_pylist())
 
 
 def build_plan(config: Config, tracking_uri: str, *, ids: list[str] | None = None, dry_run: bool = False) -> EvalPlan:
@@ -239,6 +254,10 @@ class BlockScorer:
         self.output = output
         self.example_ids = set(example_ids)
 
+    def ready(self) -> int:
+        """The actor's process id, once its model is built (the job times scoring from here)."""
+        return os.getpid()
+
     def score(self, index: int, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         from data.pipeline import val_collate
 
@@ -272,20 +291,33 @@ class BlockScorer:
                 "clean_pred": clean_pred, "adv_pred": adv_pred, "eps": float(max(self.sea["eps"]))}
 
 
-def _block_rows(dataset, blocks: list[list[str]], todo: set[int]):
-    """(block index, numpy batch) for each block in `todo`, as soon as all its rows have been read."""
+def _block_rows(config: Config, blocks: list[list[str]], todo: set[int]):
+    """(block index, numpy batch as val_collate takes it) for each block in `todo`, as soon as all its rows have
+    been decoded (in eval.protocol's view)."""
+    from data.pipeline import _val_rows
+
     where = {image_id: b for b, ids in enumerate(blocks) if b in todo for image_id in ids}
     pending: dict[int, list[dict[str, Any]]] = {b: [] for b in todo}
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        for n, image_id in enumerate(batch["id"]):
-            b = where.get(str(image_id))
-            if b is None:
-                continue
-            pending[b].append({k: v[n] for k, v in batch.items()})
-            if len(pending[b]) == len(blocks[b]):
-                rows = sorted(pending.pop(b), key=lambda r: str(r["id"]))
-                yield b, {k: np.stack([r[k] for r in rows]) if np.asarray(rows[0][k]).dtype != object
-                          else np.asarray([r[k] for r in rows], dtype=object) for k in rows[0]}
+    for table in _val_tables(config):
+        for batch in _val_rows(table, **eval_view(config)):
+            for n, image_id in enumerate(batch["id"]):
+                b = where.get(str(image_id))
+                if b is None:
+                    continue
+                pending[b].append({k: v[n] for k, v in batch.items()})
+                if len(pending[b]) == len(blocks[b]):
+                    rows = sorted(pending.pop(b), key=lambda r: str(r["id"]))
+                    yield b, {k: _stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _stack(values: list[Any]) -> np.ndarray:
+    if isinstance(values[0], np.ndarray) and values[0].dtype != object and all(
+            v.shape == values[0].shape for v in values):
+        return np.stack(values)
+    out = np.empty(len(values), dtype=object)
+    for n, value in enumerate(values):
+        out[n] = value
+    return out
 
 
 def _job_record(config: Config) -> dict[str, Any]:
@@ -299,9 +331,6 @@ def score_blocks(plan: EvalPlan, *, resume: bool, say=print) -> dict[str, int]:
     """Score every block not yet in storage with a pool of actors; returns {"scored": n, "skipped": m}."""
     import ray
     from ray.util import ActorPool
-
-    from data.pipeline import val_dataset
-    from orchestrator.train import shard_uris
 
     config = plan.config
     record = _job_record(config)
@@ -326,9 +355,8 @@ def score_blocks(plan: EvalPlan, *, resume: bool, say=print) -> dict[str, int]:
                        max_restarts=3, max_task_retries=3)(BlockScorer)
     actors = [actor.remote(to_dict(config), config.data.num_classes, max(1, int(sea.cpus_per_actor)), plan.output,
                            examples) for _ in range(min(plan.actors, len(todo)))]
+    ray.get([a.ready.remote() for a in actors])  # images/s and the ETA count scoring, not model building
     pool = ActorPool(actors)
-    dataset = val_dataset(shard_uris(config)[2], **eval_view(config), limit=sea.images,
-                          block_rows=config.eval.block_images)
     started, done, scored = time.time(), sum(len(plan.blocks[b]) for b in present), 0
     total = plan.images
     submitted = 0
@@ -343,7 +371,7 @@ def score_blocks(plan: EvalPlan, *, resume: bool, say=print) -> dict[str, int]:
         per_eps = ", ".join(f"eps {eps_label(e)}: {done}/{total}" for e in sea.eps)
         say(f"[sea-eval {plan.label}] images {per_eps}; {rate:.2f} images/s; ETA {eta:.0f}s")
 
-    for b, batch in _block_rows(dataset, plan.blocks, todo):
+    for b, batch in _block_rows(config, plan.blocks, todo):
         if submitted >= len(actors):
             report(pool.get_next_unordered())
         pool.submit(lambda a, v: a.score.remote(*v), (b, batch))

@@ -2,8 +2,8 @@
 
 Generated VOC-layout data and a random checkpoint in the published layout (UPerNet-ConvNeXt-atto, CvSt), scored by
 the CLI twice, each in a fresh process with a local Ray, one CPU thread per actor; images/s is the job's own figure
-(the last progress line: images scored after the stored ones, over the scoring wall time). Run it on a quiet machine
-with at least 2 free cores:
+(the last progress line: images scored over the scoring wall time, from the moment every actor has built its
+model). Run it on a quiet machine with at least 2 free cores:
 
     PYTHONPATH=. python experiments/benchmarks/sea_eval_actors.py --images 32 --iterations 20
 """
