@@ -97,9 +97,19 @@ class ModelConfig(_Section):
     )
     decoder_width: int = Field(512, ge=8)
     drop_path_rate: float = Field(0.0, ge=0, lt=1, description="stochastic depth of the backbone's blocks (timm)")
+    weights: Optional[str] = Field(
+        None, description="URI of whole-model weights (published PIR-AT layout or this project's checkpoint), loaded "
+                          "strictly; their recorded input normalisation replaces model.input_norm",
+    )
+    input_norm: Literal["imagenet", "none"] = Field(
+        "imagenet", description="imagenet: mean/std normalisation as the model's first layer; none: the backbone "
+                                "sees [0, 1] images (the paper's models)",
+    )
 
     @model_validator(mode="after")
     def _weights(self) -> ModelConfig:
+        if self.weights and self.backbone_weights:
+            raise ValueError("model.weights loads the whole model; drop model.backbone_weights, which it overwrites")
         if self.init in ("pir", "clean") and not self.backbone_weights:
             raise ValueError(f"init {self.init!r} needs model.backbone_weights (a checkpoint URI)")
         if self.init == "random" and self.backbone_weights:
@@ -286,6 +296,16 @@ class EvalConfig(_Section):
         "reference", description="how clean and SEA scores are measured; " + "; ".join(
             f"{name}: {text}" for name, text in PROTOCOLS.items()),
     )
+    # experiments/sea_eval.py (SEA as a job of its own) only:
+    name: str = Field("sea-eval", description="sea_eval.py: the parent MLflow run's name and the output folder's")
+    label: Optional[str] = Field(None, description="sea_eval.py: the model's name in runs and tables "
+                                                   "(null: decoder-backbone-stem)")
+    block_images: int = Field(16, ge=1, description="sea_eval.py: images per block; each finished block is "
+                                                    "written to eval.output at once and --resume skips it")
+    output: Optional[str] = Field(None, description="sea_eval.py: URI of the blocks and artifacts "
+                                                    "(null: {sweep.storage_path}/sea_eval/{eval.name})")
+    examples: list[str] = Field(default_factory=list, description="sea_eval.py: image ids shown in the grid of "
+                                                                  "adversarial examples (empty: the first 4)")
 
 
 class TrackingConfig(_Section):
@@ -514,6 +534,11 @@ def resolve_paths(config: Config, base: str | Path) -> Config:
     raw["data"]["shards"] = _absolute_uri(raw["data"]["shards"], base)
     raw["data"]["root"] = _absolute_uri(raw["data"]["root"], base)
     raw["model"]["backbone_weights"] = _absolute_uri(raw["model"]["backbone_weights"], base)
+    weights = raw["model"]["weights"]  # an MLflow run id (runs:/<id> or 32 hex digits) is not a path
+    run_id = weights and (weights.startswith("runs:/")
+                          or (len(weights) == 32 and set(weights) <= set("0123456789abcdef")))
+    if not run_id:
+        raw["model"]["weights"] = _absolute_uri(weights, base)
     raw["sweep"]["storage_path"] = _absolute_uri(raw["sweep"]["storage_path"], base)
     return validate(raw)
 

@@ -14,7 +14,8 @@ from orchestrator.tracking import resolve_tracking_uri
 
 from .conftest import PYTHON, REPO
 
-CONFIGS = sorted((REPO / "experiments" / "configs").glob("*.yaml"))
+# The sweep's configs; eval_*.yaml are experiments/sea_eval.py's (tests/test_sea_eval.py).
+CONFIGS = sorted(p for p in (REPO / "experiments" / "configs").glob("*.yaml") if not p.name.startswith("eval_"))
 SCRIPT = REPO / "experiments" / "pir_at_sweep.py"
 
 

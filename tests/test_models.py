@@ -98,10 +98,9 @@ def test_cvst_stem_replaces_patchify_stem_with_the_same_stride_and_channels():
 
 
 def test_parameter_counts_of_the_recipe_upernets():
-    """UPerNet-ConvNeXt-T/-S with 512 decoder channels, 150 classes (ADE20K), no auxiliary FCN head.
+    """UPerNet-ConvNeXt-T/-S with 512 decoder channels, 150 classes (ADE20K), auxiliary FCN head included.
 
-    mmseg's configs report about 60M and 82M including their auxiliary FCN head (~0.9M); ours has no
-    auxiliary head, so it should sit slightly below, within 10%.
+    mmseg's configs report about 60M and 82M including their auxiliary FCN head (~0.9M), as ours; within 10%.
     """
     counts = {}
     for backbone, usual in (("convnext_tiny", 60e6), ("convnext_small", 82e6)):

@@ -186,8 +186,11 @@ class PirAt:
         t1 = clock.now()
         self.model.train()
         with self._autocast():
-            logits = self.model(x_adv)
+            aux_weight = float(getattr(self.module, "aux_weight", 0.0))
+            logits, aux = self.model(x_adv, with_aux=True) if aux_weight else (self.model(x_adv), None)
             loss = F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX)
+            if aux is not None:  # UPerNet's auxiliary FCN head, weighted as the reference trains it
+                loss = loss + aux_weight * F.cross_entropy(aux.float(), y, ignore_index=IGNORE_INDEX)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         t2 = clock.now()

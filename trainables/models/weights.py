@@ -43,28 +43,29 @@ class BackboneWeightsNotFound(BackboneWeightsError, FileNotFoundError):
     """The backbone checkpoint URI points at nothing."""
 
 
-def _where(uri: str) -> str:
-    return f"model.backbone_weights {uri}"
+def _where(uri: str, key: str = "model.backbone_weights") -> str:
+    return f"{key} {uri}"
 
 
 def _scheme(uri: str) -> str:
     return uri.split("://", 1)[0].lower() if "://" in uri else ""
 
 
-def read_bytes(uri: str) -> bytes:
-    """The raw bytes behind a local path, file://, s3://, gs://, http(s):// URI (remote ones via smart_open)."""
+def read_bytes(uri: str, key: str = "model.backbone_weights") -> bytes:
+    """The raw bytes behind a local path, file://, s3://, gs://, http(s):// URI (remote ones via smart_open);
+    errors name the config `key` the URI came from."""
     scheme = _scheme(uri)
     if scheme and scheme not in SCHEMES:
         raise BackboneWeightsError(
-            f"{_where(uri)}: unsupported scheme {scheme}://; use a local path or one of "
+            f"{_where(uri, key)}: unsupported scheme {scheme}://; use a local path or one of "
             + ", ".join(f"{s}://" for s in SCHEMES)
         )
     if scheme in ("", "file"):
         path = uri[len("file://"):] if scheme == "file" else uri
         if not os.path.exists(path):
-            raise BackboneWeightsNotFound(f"{_where(uri)}: not found (no file {os.path.abspath(path)})")
+            raise BackboneWeightsNotFound(f"{_where(uri, key)}: not found (no file {os.path.abspath(path)})")
         if not os.path.isfile(path):
-            raise BackboneWeightsError(f"{_where(uri)}: is a directory, expected a checkpoint file")
+            raise BackboneWeightsError(f"{_where(uri, key)}: is a directory, expected a checkpoint file")
         with open(path, "rb") as handle:
             return handle.read()
     import smart_open
@@ -75,36 +76,39 @@ def read_bytes(uri: str) -> bytes:
     except Exception as exc:  # smart_open surfaces boto3/GCS/requests errors of many types
         detail = f"{type(exc).__name__}: {exc}".strip()
         if re.search(r"NoSuchKey|NoSuchBucket|Not ?Found|\b404\b|does not exist", detail, re.IGNORECASE):
-            raise BackboneWeightsNotFound(f"{_where(uri)}: not found ({detail.splitlines()[0]})") from None
-        raise BackboneWeightsError(f"{_where(uri)}: cannot be read ({detail.splitlines()[0]})") from None
+            raise BackboneWeightsNotFound(f"{_where(uri, key)}: not found ({detail.splitlines()[0]})") from None
+        raise BackboneWeightsError(f"{_where(uri, key)}: cannot be read ({detail.splitlines()[0]})") from None
 
 
-def read_checkpoint(uri: str) -> Any:
+def read_checkpoint(uri: str, key: str = "model.backbone_weights") -> Any:
     """Deserialise a checkpoint without running code: safetensors, or torch.load(weights_only=True)."""
-    data = read_bytes(uri)
+    data = read_bytes(uri, key)
     if uri.lower().endswith(".safetensors"):
         from safetensors.torch import load as load_safetensors
 
         try:
             return load_safetensors(data)
         except Exception as exc:
-            raise BackboneWeightsError(f"{_where(uri)}: not a safetensors file ({exc})") from None
+            raise BackboneWeightsError(f"{_where(uri, key)}: not a safetensors file ({exc})") from None
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         blocked = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if blocked:
             raise BackboneWeightsError(
-                f"{_where(uri)}: refused, it holds a pickled object ({blocked.group(1)}) that could run code; "
+                f"{_where(uri, key)}: refused, it holds a pickled object ({blocked.group(1)}) that could run code; "
                 "nothing in it was run. Re-save only the tensors, e.g. torch.save(model.state_dict(), path), "
                 "or use a .safetensors file"
             ) from None
         reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
         raise BackboneWeightsError(
-            f"{_where(uri)}: not a PyTorch tensor checkpoint ({reason.group(1) if reason else 'unreadable pickle'})"
+            f"{_where(uri, key)}: not a PyTorch tensor checkpoint "
+            f"({reason.group(1) if reason else 'unreadable pickle'})"
         ) from None
     except Exception as exc:
-        raise BackboneWeightsError(f"{_where(uri)}: not a PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
+        raise BackboneWeightsError(
+            f"{_where(uri, key)}: not a PyTorch checkpoint ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def _check_normalizer(uri: str, normalizer: dict[str, torch.Tensor]) -> None:
@@ -178,7 +182,8 @@ def load_backbone_weights(model: nn.Module, uri: str, *, max_mismatched: int = 0
     classifier, layout = unwrap(read_checkpoint(uri), uri)
     ignored = sorted(k for k in classifier if k.startswith(HEAD_PREFIXES))
     mapped = {CLASSIFIER_PREFIX + k: v for k, v in classifier.items() if k not in ignored}
-    expected = model.backbone.state_dict()
+    # the backbone's own per-stage output norms (segmentation only) are not part of a classifier
+    expected = {k: v for k, v in model.backbone.state_dict().items() if k.startswith(CLASSIFIER_PREFIX)}
     strip = len(CLASSIFIER_PREFIX)
     missing = sorted(k[strip:] for k in expected if k not in mapped)
     unexpected = sorted(k[strip:] for k in mapped if k not in expected)
@@ -200,7 +205,7 @@ def load_backbone_weights(model: nn.Module, uri: str, *, max_mismatched: int = 0
             + "".join(f". Hint: {h}" for h in hints)
         )
     usable = {k: v for k, v in mapped.items() if k in expected and v.shape == expected[k].shape}
-    model.backbone.load_state_dict(usable, strict=not (missing or unexpected or reshaped))
+    model.backbone.load_state_dict(usable, strict=False)
     return {
         "uri": uri,
         "layout": layout,
