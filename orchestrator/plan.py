@@ -116,7 +116,9 @@ def format_plan(plan: Plan) -> str:
     """Human-readable plan: what --dry-run prints (redacted: it is a log line)."""
     cfg = plan.config
     lines = [f"Sweep {cfg.sweep.name!r}: {len(plan.trials)} trial(s), {cfg.sweep.search} search"
-             + (", ASHA early stopping on the robust proxy" if cfg.sweep.asha else "")
+             + (f", ASHA early stopping on the selection images' robust proxy (grace {cfg.sweep.asha_grace_epochs} "
+                f"epoch(s), reduction factor {cfg.sweep.asha_reduction_factor})"
+                if cfg.sweep.scheduler == "asha" else ", FIFO (every trial to its end)")
              + f", at most {cfg.sweep.max_concurrent_trials} at once"]
     for i, (name, tc) in enumerate(zip(plan.names, plan.trial_configs, strict=True)):
         a = tc.train.attack
@@ -142,7 +144,9 @@ def format_plan(plan: Plan) -> str:
         f"SEA: eps {', '.join(f'{e:g}' for e in cfg.sea.eps)} (/255), {cfg.sea.iterations} iterations, "
         f"losses {', '.join(cfg.sea.losses)} (tracking {cfg.sea.track}), images {cfg.sea.images or 'all val'}, "
         f"{cfg.sea.min_actors}-{cfg.sea.max_actors} actors "
-        f"x ({cfg.sea.cpus_per_actor:g} CPU, {cfg.sea.gpus_per_actor:g} GPU)",
+        f"x ({cfg.sea.cpus_per_actor:g} CPU, {cfg.sea.gpus_per_actor:g} GPU), "
+        + ("each trial scored as it finishes, beside the others' training (sea.overlap)" if cfg.sea.overlap
+           else "scored after the last trial (sea.overlap: false)"),
         *sea_extras_text(cfg),
         f"Scores: eval.protocol {cfg.eval.protocol} ({PROTOCOLS[cfg.eval.protocol]})",
     ]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,11 +32,17 @@ class TrialOutcome:
     config: Config
     metrics: dict[str, Any]
     error: str | None
+    ended: bool = False  # Tune ended the trial (trained to the end, or stopped by the scheduler); not interrupted
 
     @property
     def finished(self) -> bool:
         """Trained to the end (it reported its best checkpoint); False for failed or interrupted trials."""
         return self.error is None and bool(self.metrics.get("trial_done"))
+
+    @property
+    def stopped_early(self) -> bool:
+        """Stopped by the scheduler (ASHA) before its last epoch: ended without an error or a best checkpoint."""
+        return self.ended and self.error is None and not self.metrics.get("trial_done")
 
 
 def sweep_path(config: Config) -> str:
@@ -113,6 +120,63 @@ class EpochsToMlflow(tune.Callback):
         log_epoch_metrics(self._client, run_id, int(result["epoch"]), self.keep(result))
 
 
+# The driver-side listener of trials as Tune ends them (see `on_trial_end`); a module global, because Tune
+# restores its callbacks from the sweep state on --resume and they cannot carry a reference to this process.
+_listeners: list[Callable[[str, dict[str, Any]], None]] = []
+
+
+@contextmanager
+def on_trial_end(listener: Callable[[str, dict[str, Any]], None]) -> Iterator[None]:
+    """While inside, `listener(trial name, last result)` is called in the driver as each trial ends (trained to
+    its end or stopped by the scheduler), and at the first step of a resumed sweep for trials that had ended."""
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)
+
+
+class TrialsEnded(tune.Callback):
+    """Driver-side Tune callback: tells the `on_trial_end` listeners about every trial Tune has ended, once per
+    process (a resumed sweep hands its earlier ended trials again; the listeners decide what is left to do)."""
+
+    def __init__(self):
+        self._handed: set[str] = set()
+
+    def __getstate__(self):
+        return {**self.__dict__, "_handed": set()}
+
+    def _hand(self, trial) -> None:
+        name = trial.config["trial"]["name"]
+        if name in self._handed:
+            return
+        self._handed.add(name)
+        for listener in list(_listeners):
+            listener(name, dict(trial.last_result or {}))
+
+    def on_step_begin(self, iteration, trials, **info):
+        for trial in trials:
+            if trial.status == "TERMINATED":
+                self._hand(trial)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._hand(trial)
+
+
+def _scheduler(plan: Plan):
+    """The trial scheduler `sweep.scheduler` names (None: FIFO). ASHA acts on the selection metric (the robust
+    proxy on the held-out selection images); epochs without a validation report no proxy and are passed over."""
+    sweep = plan.config.sweep
+    if sweep.scheduler == "fifo":
+        return None
+    # Tune rejects a result without the scheduler's metric unless told that epochs may lack it (val_every > 1).
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    return tune.schedulers.ASHAScheduler(
+        time_attr="epoch", metric=PROXY_METRIC, mode="max", grace_period=sweep.asha_grace_epochs,
+        reduction_factor=sweep.asha_reduction_factor, max_t=max(c.train.epochs for c in plan.trial_configs),
+    )
+
+
 def _tuner(plan: Plan, callbacks: list[tune.Callback], resume: bool) -> tune.Tuner:
     config = plan.config
     # On Ctrl+C Tune asks running trials to stop, but a trial blocked in TorchTrainer.fit() only notices at
@@ -133,18 +197,11 @@ def _tuner(plan: Plan, callbacks: list[tune.Callback], resume: bool) -> tune.Tun
     print(f"sweep {config.sweep.name}: trials of this start under {trials_path(config, run)}", flush=True)
     trials = [{"base": base, "overrides": o, "name": n, "run": run}
               for o, n in zip(plan.trials, plan.names, strict=True)]
-    scheduler = None
-    if config.sweep.asha:
-        scheduler = tune.schedulers.ASHAScheduler(
-            time_attr="epoch", grace_period=config.sweep.asha_grace_epochs,
-            max_t=max(c.train.epochs for c in plan.trial_configs),
-        )
     return tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(trials)},
         tune_config=tune.TuneConfig(
-            metric=PROXY_METRIC if scheduler else None, mode="max" if scheduler else None,
-            scheduler=scheduler, max_concurrent_trials=config.sweep.max_concurrent_trials,
+            scheduler=_scheduler(plan), max_concurrent_trials=config.sweep.max_concurrent_trials,
             trial_name_creator=lambda t: t.config["trial"]["name"],
             trial_dirname_creator=lambda t: t.config["trial"]["name"],
         ),
@@ -154,8 +211,12 @@ def _tuner(plan: Plan, callbacks: list[tune.Callback], resume: bool) -> tune.Tun
 
 
 def run_sweep(plan: Plan, *, resume: bool = False, callbacks: list[tune.Callback] = ()) -> list[TrialOutcome]:
-    """Run (or resume) every trial of the plan; returns each trial's final metrics or error."""
-    results = _tuner(plan, list(callbacks), resume).fit()
+    """Run (or resume) every trial of the plan; returns each trial's final metrics or error. Trials ended by Tune
+    are handed to the `on_trial_end` listeners as they end (the callback `TrialsEnded` is added here)."""
+    ended: set[str] = set()
+    with on_trial_end(lambda name, result: ended.add(name)):
+        results = _tuner(plan, [*callbacks, TrialsEnded()], resume).fit()
+    statuses = {t.config["trial"]["name"]: t.status for t in results._experiment_analysis.trials}
     by_name = {n: (o, c) for n, o, c in zip(plan.names, plan.trials, plan.trial_configs, strict=True)}
     outcomes = []
     for result in results:
@@ -164,6 +225,7 @@ def run_sweep(plan: Plan, *, resume: bool = False, callbacks: list[tune.Callback
         error = None
         if result.error is not None:
             error = str(result.error).strip().splitlines()[-1] if str(result.error).strip() else repr(result.error)
-        outcomes.append(TrialOutcome(name, overrides, config, dict(result.metrics or {}), error))
+        outcomes.append(TrialOutcome(name, overrides, config, dict(result.metrics or {}), error,
+                                     ended=name in ended or statuses.get(name) == "TERMINATED"))
     order = {name: i for i, name in enumerate(plan.names)}
     return sorted(outcomes, key=lambda o: order[o.name])
