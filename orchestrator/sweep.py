@@ -210,13 +210,23 @@ def _tuner(plan: Plan, callbacks: list[tune.Callback], resume: bool) -> tune.Tun
     )
 
 
+def _ended_before(config: Config) -> list[str]:
+    """Trials a saved sweep state records as ended (TERMINATED). The state is saved before an interrupt stops the
+    running trials, so it holds them as running; Tune's results after an interrupt call every trial terminated."""
+    path = sweep_path(config)
+    if not tune.Tuner.can_restore(path):
+        return []
+    from ray.tune import ExperimentAnalysis
+
+    return [t.config["trial"]["name"] for t in ExperimentAnalysis(path).trials if t.status == "TERMINATED"]
+
+
 def run_sweep(plan: Plan, *, resume: bool = False, callbacks: list[tune.Callback] = ()) -> list[TrialOutcome]:
     """Run (or resume) every trial of the plan; returns each trial's final metrics or error. Trials ended by Tune
     are handed to the `on_trial_end` listeners as they end (the callback `TrialsEnded` is added here)."""
-    ended: set[str] = set()
+    ended: set[str] = set(_ended_before(plan.config) if resume else ())
     with on_trial_end(lambda name, result: ended.add(name)):
         results = _tuner(plan, [*callbacks, TrialsEnded()], resume).fit()
-    statuses = {t.config["trial"]["name"]: t.status for t in results._experiment_analysis.trials}
     by_name = {n: (o, c) for n, o, c in zip(plan.names, plan.trials, plan.trial_configs, strict=True)}
     outcomes = []
     for result in results:
@@ -226,6 +236,6 @@ def run_sweep(plan: Plan, *, resume: bool = False, callbacks: list[tune.Callback
         if result.error is not None:
             error = str(result.error).strip().splitlines()[-1] if str(result.error).strip() else repr(result.error)
         outcomes.append(TrialOutcome(name, overrides, config, dict(result.metrics or {}), error,
-                                     ended=name in ended or statuses.get(name) == "TERMINATED"))
+                                     ended=name in ended))
     order = {name: i for i, name in enumerate(plan.names)}
     return sorted(outcomes, key=lambda o: order[o.name])
