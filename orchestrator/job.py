@@ -19,6 +19,10 @@ from orchestrator.redact import redact
 EPOCH_METRICS = ("loss", "lr", "images_per_s", "epoch_s", "time_", "frac_", "select_")
 # Tag of a trial's MLflow run that the scheduler (ASHA) stopped before its last epoch; its value says when.
 TAG_STOPPED = "stopped_early"
+# Tags of every trial's MLflow run: sweep.epochs_mode; with `checkpoints` also the epoch of the checkpoint the
+# run scores, the trial that trained it and that trial's epochs (the learning-rate schedule's length).
+TAG_EPOCHS_MODE, TAG_CHECKPOINT_EPOCH = "epochs_mode", "checkpoint_epoch"
+TAG_TRAINED_BY, TAG_TRAINED_EPOCHS = "trained_by", "trained_epochs"
 # How long an interrupted job waits for the SEA scoring in progress to stop before it exits (it is redone).
 CANCEL_WAIT_S = 30.0
 EXIT_INTERRUPTED = 130
@@ -98,6 +102,7 @@ class TrialScorer:
 
     tracker: object
     runs: dict[str, str]
+    checkpoint_runs: dict[str, list] = field(default_factory=dict)  # sweep.epochs_mode checkpoints: trial -> runs
     failures: list[str] = field(default_factory=list)
     scored: list[str] = field(default_factory=list)
     busy: list[tuple[float, float]] = field(default_factory=list)
@@ -139,33 +144,51 @@ class TrialScorer:
                 self.busy.append((started, time.time()))
 
     def _settle(self, outcome) -> None:
-        from orchestrator.sea_pool import ScoringCancelled
-
-        tracker, run_id = self.tracker, self.runs[outcome.name]
+        """One ended trial: its MLflow run(s) marked failed or stopped, or scored (one run per scored checkpoint
+        with sweep.epochs_mode checkpoints, else the trial's run with its selected and last checkpoints)."""
+        checkpoint_runs = self.checkpoint_runs.get(outcome.name) or []
+        names = [r.name for r in checkpoint_runs] or [outcome.name]
         if outcome.error:
             self.failures.append(outcome.name)
             say(f"trial {outcome.name} failed: {outcome.error}")
-            tracker.mark_failed(run_id, outcome.error)
+            for name in names:
+                self.tracker.mark_failed(self.runs[name], outcome.error)
             return
         if outcome.stopped_early:
-            mark_stopped(tracker, run_id, outcome)
+            for name in names:
+                mark_stopped(self.tracker, self.runs[name], outcome)
             return
-        if _already_scored(tracker, run_id, outcome.config):
-            say(f"trial {outcome.name}: SEA results already in MLflow, not scored again")
+        if not checkpoint_runs:
+            self._score(outcome.name, outcome.config, lambda run_id: _score_trial(self.tracker, run_id, outcome,
+                                                                                   stop=self.stop))
+            return
+        kept = {int(e): uri for e, uri in json.loads(outcome.metrics.get("kept_checkpoints") or "{}").items()}
+        for run in checkpoint_runs:
+            self._score(run.name, run.config, lambda run_id, run=run: _score_checkpoint_run(
+                self.tracker, run_id, run, kept[run.epoch], outcome, stop=self.stop), final=False)
+
+    def _score(self, name: str, config, score, final: bool = True) -> None:
+        """Score one MLflow run unless its SEA results are there already; a failure marks that run only."""
+        from orchestrator.sea_pool import ScoringCancelled
+
+        tracker, run_id, started = self.tracker, self.runs[name], time.time()
+        if _already_scored(tracker, run_id, config, final=final):
+            say(f"trial {name}: SEA results already in MLflow, not scored again")
             return
         try:
-            _score_trial(tracker, run_id, outcome, stop=self.stop)
+            score(run_id)
         except ScoringCancelled:
-            say(f"trial {outcome.name}: SEA scoring cut by the interrupt; --resume scores it again")
+            say(f"trial {name}: SEA scoring cut by the interrupt; --resume scores it again")
             return
         except Exception as exc:  # one trial's scoring failing must not lose the other trials' results
-            self.failures.append(outcome.name)
+            self.failures.append(name)
             message = f"SEA scoring failed: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:500]}"
-            say(f"trial {outcome.name}: {message}")
+            say(f"trial {name}: {message}")
             tracker.mark_failed(run_id, message)
             return
-        self.scored.append(outcome.name)
+        self.scored.append(name)
         tracker.end_trial(run_id)
+        say(f"trial {name}: SEA results in MLflow ({time.time() - started:.0f}s of scoring)")
 
 
 def mark_stopped(tracker, run_id: str, outcome) -> None:
@@ -182,7 +205,7 @@ def run_job(plan: Plan, resume: bool = False) -> int:
     timer = StageTimer()
     print(format_plan(plan), flush=True)
     tracker, runs = _start(plan, timer, resume)
-    scorer = TrialScorer(tracker, runs)
+    scorer = TrialScorer(tracker, runs, {name: plan.runs_of(name) for name in plan.names})
     try:
         outcomes = _train(plan, timer, scorer, runs, resume)
         if outcomes is None:
@@ -209,8 +232,20 @@ def _start(plan: Plan, timer: StageTimer, resume: bool):
     with timer.stage("ray"):
         say(connect(plan.config))
     tracker = SweepTracker(plan.tracking_uri, plan.config, resume=resume)
-    runs = {name: tracker.trial_run(name, trial_config, overrides)
-            for name, trial_config, overrides in zip(plan.names, plan.trial_configs, plan.trials, strict=True)}
+    mode = plan.config.sweep.epochs_mode
+    if not plan.checkpoint_runs:
+        runs = {name: tracker.trial_run(name, trial_config, overrides)
+                for name, trial_config, overrides in zip(plan.names, plan.trial_configs, plan.trials, strict=True)}
+        for run_id in runs.values():
+            tracker.client.set_tag(run_id, TAG_EPOCHS_MODE, mode)
+        return tracker, runs
+    runs = {}
+    for run in plan.checkpoint_runs:
+        runs[run.name] = tracker.trial_run(run.name, run.config, run.overrides)
+        trained = next(c.train.epochs for n, c in zip(plan.names, plan.trial_configs, strict=True) if n == run.trial)
+        for key, value in ((TAG_EPOCHS_MODE, mode), (TAG_CHECKPOINT_EPOCH, run.epoch), (TAG_TRAINED_BY, run.trial),
+                           (TAG_TRAINED_EPOCHS, trained)):
+            tracker.client.set_tag(runs[run.name], key, str(value))
     return tracker, runs
 
 
@@ -299,8 +334,26 @@ def _score_trial(tracker, run_id: str, outcome, stop: threading.Event | None = N
             tracker.log_examples(run_id, ex["image"], ex["label"], ex["clean_pred"], ex["adv_pred"], eps=ex["eps"])
 
 
-def _already_scored(tracker, run_id: str, config) -> bool:
+def _score_checkpoint_run(tracker, run_id: str, run, checkpoint: str, trial, stop=None) -> None:
+    """SEA on the checkpoint a sweep.epochs_mode checkpoints run scores (its trial's, kept at the run's epoch);
+    train_hours is the trial's share up to that epoch."""
+    from orchestrator.sea_pool import score_checkpoint
+
+    say(f"trial {run.name}: SEA on {redact(checkpoint)} (epoch {run.epoch} of trial {run.trial})")
+    sea = score_checkpoint(run.config, checkpoint, label=run.name, stop=stop)
+    share = run.epoch / trial.config.train.epochs
+    tracker.log_result(run_id, clean=next(iter(sea.by_eps.values()))["clean"], sea=sea.by_eps, groups=sea.groups,
+                       train_hours=float(trial.metrics.get("train_hours", 0.0)) * share,
+                       attack_hours=sea.seconds / 3600.0, checkpoint_uri=checkpoint)
+    if sea.examples is not None:
+        ex = sea.examples
+        tracker.log_examples(run_id, ex["image"], ex["label"], ex["clean_pred"], ex["adv_pred"], eps=ex["eps"])
+
+
+def _already_scored(tracker, run_id: str, config, final: bool = True) -> bool:
+    """Whether the run holds SEA's worst case at every ε (and, with `final`, the last epoch's checkpoint's too)."""
     from trainables.units import eps_label
 
     metrics = tracker.client.get_run(run_id).data.metrics
-    return all(f"{prefix}sea_miou_eps{eps_label(e)}" in metrics for e in config.sea.eps for prefix in ("", "final_"))
+    prefixes = ("", "final_") if final else ("",)
+    return all(f"{prefix}sea_miou_eps{eps_label(e)}" in metrics for e in config.sea.eps for prefix in prefixes)

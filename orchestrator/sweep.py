@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -10,7 +11,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import ray.train
 from ray import tune
+from ray.train.v2.api.callback import UserCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator.config import Config, to_dict, validate, with_values
@@ -19,6 +22,7 @@ from orchestrator.train import build_trainer, checkpoint_uri, fit
 from trainables.pir_at import PROXY_METRIC
 
 TRIALS_DIR = "trials"
+KEPT_DIR = "kept"  # a run's checkpoints kept for sweep.epochs_mode checkpoints, beside Ray Train's epoch_NNNN
 TRIAL_DRIVER_MEMORY = 256 * 1024**2
 TRIAL_STOP_GRACE_S = 10
 
@@ -66,18 +70,60 @@ def _absolute(uri: str) -> str:
     return uri if "://" in uri else os.path.abspath(uri)
 
 
+class KeepEpochs(UserCallback):
+    """Controller-side Train callback: the checkpoint of each listed epoch is copied to `kept/epoch_NNNN` in the
+    run's folder when it is reported (the latest checkpoint is never deleted before the next report), so that
+    checkpoint retention (train.keep_checkpoints, ranked on the selection images) cannot remove it."""
+
+    def __init__(self, epochs: list[int]):
+        self.epochs = set(epochs)
+
+    def after_report(self, run_context, metrics, checkpoint):
+        epoch = metrics[0].get("epoch") if metrics else None
+        if checkpoint is None or epoch not in self.epochs:
+            return
+        import pyarrow.fs
+
+        target = kept_path(checkpoint.path, int(epoch))
+        checkpoint.filesystem.create_dir(target)
+        pyarrow.fs.copy_files(checkpoint.path, target, source_filesystem=checkpoint.filesystem,
+                              destination_filesystem=checkpoint.filesystem)
+
+
+def kept_path(checkpoint_path: str, epoch: int) -> str:
+    """Where KeepEpochs keeps the checkpoint of `epoch` of the run holding `checkpoint_path`."""
+    return f"{checkpoint_path.rstrip('/').rsplit('/', 1)[0]}/{KEPT_DIR}/epoch_{epoch:04d}"
+
+
+def kept_checkpoints(final: Any, epochs: list[int]) -> dict[int, str]:
+    """The kept checkpoints (epoch -> URI) of a run whose last checkpoint is `final`; a resumed run keeps the
+    copies its earlier start made."""
+    found = {}
+    for epoch in epochs:
+        path = kept_path(final.path, epoch)
+        if final.filesystem.get_file_info(path).type.name == "Directory":
+            found[epoch] = checkpoint_uri(ray.train.Checkpoint(path, filesystem=final.filesystem))
+    return found
+
+
 def run_trial(tune_config: dict[str, Any]) -> None:
-    """A Tune trial: fit one TorchTrainer with this trial's config, then report its best checkpoint."""
+    """A Tune trial: fit one TorchTrainer with this trial's config, then report its best checkpoint (and, with
+    sweep.epochs_mode checkpoints, the checkpoints kept at the epochs its runs score)."""
     trial = tune_config["trial"]
     config = with_values(validate(trial["base"]), trial["overrides"])
+    keep = list(trial.get("keep_epochs") or [])
     started = time.time()
     trainer = build_trainer(
         config,
         name=trial["name"],
         storage_path=trials_path(config, trial["run"]),
-        callbacks=[TuneReportCallback()],
+        callbacks=[TuneReportCallback(), *([KeepEpochs(keep)] if keep else [])],
     )
     outcome = fit(trainer)
+    kept = kept_checkpoints(outcome.final_checkpoint, keep) if keep else {}
+    if len(kept) != len(keep):
+        raise RuntimeError(f"trial {trial['name']}: checkpoints of epochs {sorted(set(keep) - set(kept))} were not "
+                           "kept (sweep.epochs_mode checkpoints)")
     history = outcome.history
     attack_seconds = sum(float(row.get("time_attack_s", 0.0)) for row in history)
     tune.report({
@@ -88,6 +134,7 @@ def run_trial(tune_config: dict[str, Any]) -> None:
         "final_epoch": outcome.final_metrics.get("epoch"),
         "train_hours": (time.time() - started) / 3600.0,
         "attack_hours": attack_seconds / 3600.0,
+        "kept_checkpoints": json.dumps({str(e): uri for e, uri in kept.items()}),
         "trial_done": True,
     })
 
@@ -195,7 +242,7 @@ def _tuner(plan: Plan, callbacks: list[tune.Callback], resume: bool) -> tune.Tun
     base = to_dict(config)
     run = new_run_name()
     print(f"sweep {config.sweep.name}: trials of this start under {trials_path(config, run)}", flush=True)
-    trials = [{"base": base, "overrides": o, "name": n, "run": run}
+    trials = [{"base": base, "overrides": o, "name": n, "run": run, "keep_epochs": [r.epoch for r in plan.runs_of(n)]}
               for o, n in zip(plan.trials, plan.names, strict=True)]
     return tune.Tuner(
         trainable,
