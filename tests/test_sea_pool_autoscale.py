@@ -9,32 +9,25 @@ import time
 import pytest
 
 from .conftest import REPO
+from .test_sweep import trained_checkpoint  # noqa: F401 (a fixture)
 
 NODE_CPUS = 2
 
 
 @pytest.mark.slow
 @pytest.mark.realpath
-def test_pool_grows_past_one_actor_and_releases_its_cpus(tmp_path, demo_shards):
+def test_pool_grows_past_one_actor_and_releases_its_cpus(trained_checkpoint):  # noqa: F811 (the fixture)
     import ray
-    import torch
     from ray.cluster_utils import Cluster
 
     from orchestrator.cluster import quiet_data
-    from orchestrator.config import load_config, resolve_paths, to_dict, with_values
+    from orchestrator.config import with_values
     from orchestrator.sea_pool import score_checkpoint
-    from trainables.pir_at import CHECKPOINT_FILE, PirAt
 
-    config = with_values(resolve_paths(load_config(REPO / "experiments/configs/demo.yaml"), REPO), {
-        "data.shards": demo_shards, "sea.eps": [8], "sea.iterations": 6, "sea.losses": ["mce", "js"],
-        "sea.images": 16, "sea.batch_size": 2, "sea.min_actors": 1, "sea.max_actors": 3, "sea.cpus_per_actor": 1,
-    })
-    torch.manual_seed(0)
-    folder = tmp_path / "checkpoint"
-    folder.mkdir()
-    torch.save(PirAt(to_dict(config), config.data.num_classes, steps_per_epoch=1).state_dict(epoch=1),
-               folder / CHECKPOINT_FILE)
-
+    config, checkpoint = trained_checkpoint
+    config = with_values(config, {"sea.iterations": 6, "sea.losses": ["mce", "js"], "sea.images": 16,
+                                  "sea.batch_size": 2, "sea.min_actors": 1, "sea.max_actors": 3,
+                                  "sea.cpus_per_actor": 1})
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": NODE_CPUS, "include_dashboard": False})
     cluster.add_node(num_cpus=NODE_CPUS)
     pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
@@ -45,7 +38,7 @@ def test_pool_grows_past_one_actor_and_releases_its_cpus(tmp_path, demo_shards):
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         total = ray.cluster_resources()["CPU"]
         assert total == 2 * NODE_CPUS
-        outcome = score_checkpoint(config, str(folder))
+        outcome = score_checkpoint(config, checkpoint)
         assert outcome.images == 16
         # 8 batches queued for one actor: the pool grew, and more than one actor's results were used
         assert 1 < len(outcome.scored_by) <= config.sea.max_actors, outcome.scored_by
