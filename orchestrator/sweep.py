@@ -218,9 +218,14 @@ def _scheduler(plan: Plan):
         return None
     # Tune rejects a result without the scheduler's metric unless told that epochs may lack it (val_every > 1).
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # ASHA must not stop a trial for reaching (or at) its last epoch: Tune would then abort the trial before it
+    # reports its best checkpoint, and it would count as stopped early. So its rungs end below the last epoch
+    # (max_t = last - 1) and a trial past max_t goes on (stop_last_trials off).
+    last = max(c.train.epochs for c in plan.trial_configs)
     return tune.schedulers.ASHAScheduler(
         time_attr="epoch", metric=PROXY_METRIC, mode="max", grace_period=sweep.asha_grace_epochs,
-        reduction_factor=sweep.asha_reduction_factor, max_t=max(c.train.epochs for c in plan.trial_configs),
+        reduction_factor=sweep.asha_reduction_factor, max_t=max(sweep.asha_grace_epochs, last - 1),
+        stop_last_trials=False,
     )
 
 
