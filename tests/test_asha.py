@@ -51,3 +51,30 @@ def test_asha_stops_the_worse_trial_and_sea_scores_only_completed_ones(tmp_path,
             assert trained[name][-1] == EPOCHS and child.info.status == "FINISHED"
             assert "sea_miou_eps8" in child.data.metrics
     assert worse not in completed and any(name.startswith("t00_") for name in completed)
+
+
+@pytest.mark.realpath
+def test_asha_stops_a_trailing_trial_at_a_rung_but_never_at_the_last_epoch():
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from orchestrator.config import load_config
+    from orchestrator.plan import build_plan
+    from orchestrator.sweep import _scheduler
+    from trainables.pir_at import PROXY_METRIC
+
+    plan = build_plan(load_config(overrides=[f"train.epochs={EPOCHS}", "sweep.scheduler=asha",
+                                             "sweep.params={train.lr: [0.01, 1.0e-9]}"]), "sqlite:///unused.db")
+    asha = _scheduler(plan)
+    first, second, worse = (SimpleNamespace(trial_id=name) for name in ("first", "second", "worse"))
+    for trial in (first, second, worse):
+        asha.on_trial_add(None, trial)
+    for epoch in range(1, EPOCHS + 1):
+        # the last epoch too: ASHA must let a trial end by itself, which reports its best checkpoint
+        assert asha.on_trial_result(None, first, {"epoch": epoch, PROXY_METRIC: 0.1 + 0.1 * epoch}) == \
+            TrialScheduler.CONTINUE
+        assert asha.on_trial_result(None, second, {"epoch": epoch, PROXY_METRIC: 0.2 + 0.1 * epoch}) == \
+            TrialScheduler.CONTINUE
+    assert asha.on_trial_result(None, worse, {"epoch": 1, "loss": 2.0}) == TrialScheduler.CONTINUE  # no validation
+    assert asha.on_trial_result(None, worse, {"epoch": 1, PROXY_METRIC: 0.05}) == TrialScheduler.STOP
