@@ -161,8 +161,18 @@ class SweepConfig(_Section):
     )
     num_samples: int = Field(1, ge=1, description="random: trials drawn; grid: repeats of the grid")
     max_concurrent_trials: int = Field(1, ge=1)
-    asha: bool = Field(False, description="ASHA early stopping on the robust proxy")
-    asha_grace_epochs: int = Field(1, ge=1)
+    scheduler: Literal["fifo", "asha"] = Field(
+        "fifo", description="fifo: every trial trains to its end; asha: ASHA stops trials whose selection metric "
+                            "(the robust proxy on the held-out selection images, never val) trails the others'"
+    )
+    asha_grace_epochs: int = Field(1, ge=1, description="epochs every trial trains before ASHA may stop it")
+    asha_reduction_factor: int = Field(2, ge=2, description="ASHA keeps about 1/factor of the trials at each rung")
+    epochs_mode: Literal["separate", "checkpoints"] = Field(
+        "separate", description="how train.epochs values in sweep.params are trained: separate (one trial per "
+                                "epoch count, each with its own schedule) or checkpoints (the schedule of the "
+                                "longest run, scored at intermediate epochs: one trial trains to the largest count "
+                                "and SEA scores its checkpoints at the requested epochs, each its own MLflow run)"
+    )
     name: str = "pir_at_sweep"
     storage_path: str = Field("ray_results", description="local path, s3:// or gs:// URI")
 
@@ -174,6 +184,13 @@ class SweepConfig(_Section):
                 raise ValueError(f"{key}: the sweep cannot sweep its own settings")
             if not values:
                 raise ValueError(f"{key}: needs at least one value")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "asha" in value:
+            raise ValueError("asha: renamed; use sweep.scheduler: asha (or fifo)")
         return value
 
 
@@ -209,8 +226,12 @@ class SeaConfig(_Section):
     )
     images: Optional[int] = Field(None, ge=1, description="cap on val images scored (None: all)")
     batch_size: int = Field(8, ge=1)
-    min_actors: int = Field(1, ge=1)
-    max_actors: int = Field(2, ge=1)
+    min_actors: int = Field(1, ge=1, description="actors the scoring pool starts with")
+    max_actors: int = Field(2, ge=1, description="actors the pool grows to while batches are queued (autoscaling)")
+    overlap: bool = Field(
+        True, description="true: each trial is scored as soon as it finishes, beside the other trials' training "
+                          "(the cluster's resources are shared through Ray's scheduler); false: after the last trial"
+    )
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
     seed: int = 0

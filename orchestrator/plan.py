@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 from dataclasses import dataclass, field
@@ -23,6 +24,29 @@ class Plan:
     names: list[str]
     tracking_uri: str
     warnings: list[str] = field(default_factory=list)
+    # sweep.epochs_mode checkpoints: every MLflow run scored from a trial's checkpoints (empty in separate mode)
+    checkpoint_runs: list[CheckpointRun] = field(default_factory=list)
+
+    def runs_of(self, trial: str) -> list[CheckpointRun]:
+        """The checkpoint runs a trial's training serves, by epoch (none in separate mode)."""
+        return sorted((r for r in self.checkpoint_runs if r.trial == trial), key=lambda r: r.epoch)
+
+    @property
+    def training_epochs(self) -> int:
+        """Epochs the whole sweep trains (every trial to its train.epochs)."""
+        return sum(c.train.epochs for c in self.trial_configs)
+
+
+@dataclass
+class CheckpointRun:
+    """A run of a `sweep.epochs_mode: checkpoints` sweep: the checkpoint at `epoch` of the training trial `trial`
+    (which trains to its group's largest epoch count), scored and logged as its own MLflow run."""
+
+    name: str
+    trial: str
+    epoch: int
+    overrides: dict[str, Any]
+    config: Config
 
 
 def expand_trials(config: Config) -> list[dict[str, Any]]:
@@ -76,7 +100,42 @@ def build_plan(config: Config, tracking_uri: str) -> Plan:
             trial_configs.append(with_values(config, overrides))
         except ConfigError as exc:
             raise ConfigError(f"sweep trial {name}: {exc}") from None
+    if config.sweep.epochs_mode == "checkpoints":
+        return _checkpoints_plan(config, trials, trial_configs, names, tracking_uri)
     return Plan(config, trials, trial_configs, names, tracking_uri, check_paths(config))
+
+
+def _checkpoints_plan(config: Config, trials: list[dict[str, Any]], trial_configs: list[Config], names: list[str],
+                      tracking_uri: str) -> Plan:
+    """Trials that differ only in train.epochs become one trial trained to the largest count; each original trial
+    is a checkpoint run scoring that trial's checkpoint at its own epoch count (repeats of a grid stay apart)."""
+    groups: dict[tuple[str, int], list[int]] = {}
+    seen: dict[tuple[str, int], int] = {}
+    for index, (overrides, trial_config) in enumerate(zip(trials, trial_configs, strict=True)):
+        rest = json.dumps({k: v for k, v in overrides.items() if k != "train.epochs"}, sort_keys=True, default=str)
+        repeat = seen.get((rest, trial_config.train.epochs), 0)
+        seen[(rest, trial_config.train.epochs)] = repeat + 1
+        groups.setdefault((rest, repeat), []).append(index)
+    kept, runs = [], []
+    for members in groups.values():
+        longest = max(members, key=lambda m: trial_configs[m].train.epochs)
+        kept.append(longest)
+        runs += [CheckpointRun(names[m], names[longest], trial_configs[m].train.epochs, trials[m], trial_configs[m])
+                 for m in members]
+    kept.sort()
+    return Plan(config, [trials[k] for k in kept], [trial_configs[k] for k in kept], [names[k] for k in kept],
+                tracking_uri, check_paths(config), runs)
+
+
+def epochs_text(plan: Plan) -> str:
+    """The plan's line on sweep.epochs_mode and the training epochs the whole sweep costs."""
+    if plan.config.sweep.epochs_mode == "separate":
+        return (f"Epochs: sweep.epochs_mode separate (one trial per epoch count, each with its own learning-rate "
+                f"schedule); {plan.training_epochs} training epochs in all")
+    separate = sum(r.config.train.epochs for r in plan.checkpoint_runs)
+    return (f"Epochs: sweep.epochs_mode checkpoints (the schedule of the longest run, scored at intermediate epochs): "
+            f"{len(plan.trials)} trial(s) train to their largest epoch count, {len(plan.checkpoint_runs)} run(s) score "
+            f"their checkpoints; {plan.training_epochs} training epochs in all (separate: {separate})")
 
 
 def scaling_text(config: Config) -> str:
@@ -116,14 +175,20 @@ def format_plan(plan: Plan) -> str:
     """Human-readable plan: what --dry-run prints (redacted: it is a log line)."""
     cfg = plan.config
     lines = [f"Sweep {cfg.sweep.name!r}: {len(plan.trials)} trial(s), {cfg.sweep.search} search"
-             + (", ASHA early stopping on the robust proxy" if cfg.sweep.asha else "")
+             + (f", ASHA early stopping on the selection images' robust proxy (grace {cfg.sweep.asha_grace_epochs} "
+                f"epoch(s), reduction factor {cfg.sweep.asha_reduction_factor})"
+                if cfg.sweep.scheduler == "asha" else ", FIFO (every trial to its end)")
              + f", at most {cfg.sweep.max_concurrent_trials} at once"]
     for i, (name, tc) in enumerate(zip(plan.names, plan.trial_configs, strict=True)):
         a = tc.train.attack
+        scored = plan.runs_of(name)
         lines.append(
             f"  trial {i}: {name}  -> epochs={tc.train.epochs} attack.steps={a.steps} "
             f"attack.eps={a.eps:g}/255 step_size={a.step_size:g}/255"
+            + (f"; scored at epochs {', '.join(str(r.epoch) for r in scored)} ({', '.join(r.name for r in scored)})"
+               if scored else "")
         )
+    lines.append(epochs_text(plan))
     m = cfg.model
     lines += [
         f"Model: {m.decoder} on {m.backbone} (stem {m.stem}), init {m.init}"
@@ -142,7 +207,9 @@ def format_plan(plan: Plan) -> str:
         f"SEA: eps {', '.join(f'{e:g}' for e in cfg.sea.eps)} (/255), {cfg.sea.iterations} iterations, "
         f"losses {', '.join(cfg.sea.losses)} (tracking {cfg.sea.track}), images {cfg.sea.images or 'all val'}, "
         f"{cfg.sea.min_actors}-{cfg.sea.max_actors} actors "
-        f"x ({cfg.sea.cpus_per_actor:g} CPU, {cfg.sea.gpus_per_actor:g} GPU)",
+        f"x ({cfg.sea.cpus_per_actor:g} CPU, {cfg.sea.gpus_per_actor:g} GPU), "
+        + ("each trial scored as it finishes, beside the others' training (sea.overlap)" if cfg.sea.overlap
+           else "scored after the last trial (sea.overlap: false)"),
         *sea_extras_text(cfg),
         f"Scores: eval.protocol {cfg.eval.protocol} ({PROTOCOLS[cfg.eval.protocol]})",
     ]

@@ -15,6 +15,7 @@ import hashlib
 import os
 import pickle
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -205,9 +206,15 @@ def combine(results: dict[tuple[float, str], dict[str, Any]], num_classes: int,
     return out
 
 
-def score_checkpoint(config: Config, checkpoint_path: str, *, label: str = "", examples: int = 4) -> SeaOutcome:
+class ScoringCancelled(RuntimeError):
+    """Scoring stopped on request (the job was interrupted) before every image was scored."""
+
+
+def score_checkpoint(config: Config, checkpoint_path: str, *, label: str = "", examples: int = 4,
+                     stop: threading.Event | None = None) -> SeaOutcome:
     """Score one checkpoint with SEA (and the extra attacks and defences `sea` asks for) on the val shards for
-    every `sea.eps`; prints progress per ε."""
+    every `sea.eps`; prints progress per ε. A set `stop` ends the scoring after the batch in hand
+    (ScoringCancelled), which releases the pool's actors."""
     sea = config.sea
     from orchestrator.train import shard_uris
 
@@ -233,6 +240,8 @@ def score_checkpoint(config: Config, checkpoint_path: str, *, label: str = "", e
     scored_by: set[int] = set()
     done = {float(e): 0 for e in sea.eps}
     for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+        if stop is not None and stop.is_set():
+            raise ScoringCancelled(f"SEA scoring{(' of ' + label) if label else ''} cancelled")
         columns = (batch["eps"], batch["ids"], batch["result"], batch["examples"], batch["pid"])
         for eps, ids, blob, ex, pid in zip(*columns, strict=True):
             key = (float(eps), str(ids))

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import ray.train
 from ray import tune
+from ray.train.v2.api.callback import UserCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator.config import Config, to_dict, validate, with_values
@@ -18,6 +22,7 @@ from orchestrator.train import build_trainer, checkpoint_uri, fit
 from trainables.pir_at import PROXY_METRIC
 
 TRIALS_DIR = "trials"
+KEPT_DIR = "kept"  # a run's checkpoints kept for sweep.epochs_mode checkpoints, beside Ray Train's epoch_NNNN
 TRIAL_DRIVER_MEMORY = 256 * 1024**2
 TRIAL_STOP_GRACE_S = 10
 
@@ -31,11 +36,17 @@ class TrialOutcome:
     config: Config
     metrics: dict[str, Any]
     error: str | None
+    ended: bool = False  # Tune ended the trial (trained to the end, or stopped by the scheduler); not interrupted
 
     @property
     def finished(self) -> bool:
         """Trained to the end (it reported its best checkpoint); False for failed or interrupted trials."""
         return self.error is None and bool(self.metrics.get("trial_done"))
+
+    @property
+    def stopped_early(self) -> bool:
+        """Stopped by the scheduler (ASHA) before its last epoch: ended without an error or a best checkpoint."""
+        return self.ended and self.error is None and not self.metrics.get("trial_done")
 
 
 def sweep_path(config: Config) -> str:
@@ -59,18 +70,60 @@ def _absolute(uri: str) -> str:
     return uri if "://" in uri else os.path.abspath(uri)
 
 
+class KeepEpochs(UserCallback):
+    """Controller-side Train callback: the checkpoint of each listed epoch is copied to `kept/epoch_NNNN` in the
+    run's folder when it is reported (the latest checkpoint is never deleted before the next report), so that
+    checkpoint retention (train.keep_checkpoints, ranked on the selection images) cannot remove it."""
+
+    def __init__(self, epochs: list[int]):
+        self.epochs = set(epochs)
+
+    def after_report(self, run_context, metrics, checkpoint):
+        epoch = metrics[0].get("epoch") if metrics else None
+        if checkpoint is None or epoch not in self.epochs:
+            return
+        import pyarrow.fs
+
+        target = kept_path(checkpoint.path, int(epoch))
+        checkpoint.filesystem.create_dir(target)
+        pyarrow.fs.copy_files(checkpoint.path, target, source_filesystem=checkpoint.filesystem,
+                              destination_filesystem=checkpoint.filesystem)
+
+
+def kept_path(checkpoint_path: str, epoch: int) -> str:
+    """Where KeepEpochs keeps the checkpoint of `epoch` of the run holding `checkpoint_path`."""
+    return f"{checkpoint_path.rstrip('/').rsplit('/', 1)[0]}/{KEPT_DIR}/epoch_{epoch:04d}"
+
+
+def kept_checkpoints(final: Any, epochs: list[int]) -> dict[int, str]:
+    """The kept checkpoints (epoch -> URI) of a run whose last checkpoint is `final`; a resumed run keeps the
+    copies its earlier start made."""
+    found = {}
+    for epoch in epochs:
+        path = kept_path(final.path, epoch)
+        if final.filesystem.get_file_info(path).type.name == "Directory":
+            found[epoch] = checkpoint_uri(ray.train.Checkpoint(path, filesystem=final.filesystem))
+    return found
+
+
 def run_trial(tune_config: dict[str, Any]) -> None:
-    """A Tune trial: fit one TorchTrainer with this trial's config, then report its best checkpoint."""
+    """A Tune trial: fit one TorchTrainer with this trial's config, then report its best checkpoint (and, with
+    sweep.epochs_mode checkpoints, the checkpoints kept at the epochs its runs score)."""
     trial = tune_config["trial"]
     config = with_values(validate(trial["base"]), trial["overrides"])
+    keep = list(trial.get("keep_epochs") or [])
     started = time.time()
     trainer = build_trainer(
         config,
         name=trial["name"],
         storage_path=trials_path(config, trial["run"]),
-        callbacks=[TuneReportCallback()],
+        callbacks=[TuneReportCallback(), *([KeepEpochs(keep)] if keep else [])],
     )
     outcome = fit(trainer)
+    kept = kept_checkpoints(outcome.final_checkpoint, keep) if keep else {}
+    if len(kept) != len(keep):
+        raise RuntimeError(f"trial {trial['name']}: checkpoints of epochs {sorted(set(keep) - set(kept))} were not "
+                           "kept (sweep.epochs_mode checkpoints)")
     history = outcome.history
     attack_seconds = sum(float(row.get("time_attack_s", 0.0)) for row in history)
     tune.report({
@@ -81,6 +134,7 @@ def run_trial(tune_config: dict[str, Any]) -> None:
         "final_epoch": outcome.final_metrics.get("epoch"),
         "train_hours": (time.time() - started) / 3600.0,
         "attack_hours": attack_seconds / 3600.0,
+        "kept_checkpoints": json.dumps({str(e): uri for e, uri in kept.items()}),
         "trial_done": True,
     })
 
@@ -113,6 +167,68 @@ class EpochsToMlflow(tune.Callback):
         log_epoch_metrics(self._client, run_id, int(result["epoch"]), self.keep(result))
 
 
+# The driver-side listener of trials as Tune ends them (see `on_trial_end`); a module global, because Tune
+# restores its callbacks from the sweep state on --resume and they cannot carry a reference to this process.
+_listeners: list[Callable[[str, dict[str, Any]], None]] = []
+
+
+@contextmanager
+def on_trial_end(listener: Callable[[str, dict[str, Any]], None]) -> Iterator[None]:
+    """While inside, `listener(trial name, last result)` is called in the driver as each trial ends (trained to
+    its end or stopped by the scheduler), and at the first step of a resumed sweep for trials that had ended."""
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)
+
+
+class TrialsEnded(tune.Callback):
+    """Driver-side Tune callback: tells the `on_trial_end` listeners about every trial Tune has ended, once per
+    process (a resumed sweep hands its earlier ended trials again; the listeners decide what is left to do)."""
+
+    def __init__(self):
+        self._handed: set[str] = set()
+
+    def __getstate__(self):
+        return {**self.__dict__, "_handed": set()}
+
+    def _hand(self, trial) -> None:
+        name = trial.config["trial"]["name"]
+        if name in self._handed:
+            return
+        self._handed.add(name)
+        for listener in list(_listeners):
+            listener(name, dict(trial.last_result or {}))
+
+    def on_step_begin(self, iteration, trials, **info):
+        for trial in trials:
+            if trial.status == "TERMINATED":
+                self._hand(trial)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._hand(trial)
+
+
+def _scheduler(plan: Plan):
+    """The trial scheduler `sweep.scheduler` names (None: FIFO). ASHA acts on the selection metric (the robust
+    proxy on the held-out selection images); epochs without a validation report no proxy and are passed over."""
+    sweep = plan.config.sweep
+    if sweep.scheduler == "fifo":
+        return None
+    # Tune rejects a result without the scheduler's metric unless told that epochs may lack it (val_every > 1).
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # ASHA must not stop a trial for reaching (or at) its last epoch: Tune would then abort the trial before it
+    # reports its best checkpoint, and it would count as stopped early. So its rungs end below the last epoch
+    # (max_t = last - 1) and a trial past max_t goes on (stop_last_trials off).
+    last = max(c.train.epochs for c in plan.trial_configs)
+    return tune.schedulers.ASHAScheduler(
+        time_attr="epoch", metric=PROXY_METRIC, mode="max", grace_period=sweep.asha_grace_epochs,
+        reduction_factor=sweep.asha_reduction_factor, max_t=max(sweep.asha_grace_epochs, last - 1),
+        stop_last_trials=False,
+    )
+
+
 def _tuner(plan: Plan, callbacks: list[tune.Callback], resume: bool) -> tune.Tuner:
     config = plan.config
     # On Ctrl+C Tune asks running trials to stop, but a trial blocked in TorchTrainer.fit() only notices at
@@ -131,20 +247,13 @@ def _tuner(plan: Plan, callbacks: list[tune.Callback], resume: bool) -> tune.Tun
     base = to_dict(config)
     run = new_run_name()
     print(f"sweep {config.sweep.name}: trials of this start under {trials_path(config, run)}", flush=True)
-    trials = [{"base": base, "overrides": o, "name": n, "run": run}
+    trials = [{"base": base, "overrides": o, "name": n, "run": run, "keep_epochs": [r.epoch for r in plan.runs_of(n)]}
               for o, n in zip(plan.trials, plan.names, strict=True)]
-    scheduler = None
-    if config.sweep.asha:
-        scheduler = tune.schedulers.ASHAScheduler(
-            time_attr="epoch", grace_period=config.sweep.asha_grace_epochs,
-            max_t=max(c.train.epochs for c in plan.trial_configs),
-        )
     return tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(trials)},
         tune_config=tune.TuneConfig(
-            metric=PROXY_METRIC if scheduler else None, mode="max" if scheduler else None,
-            scheduler=scheduler, max_concurrent_trials=config.sweep.max_concurrent_trials,
+            scheduler=_scheduler(plan), max_concurrent_trials=config.sweep.max_concurrent_trials,
             trial_name_creator=lambda t: t.config["trial"]["name"],
             trial_dirname_creator=lambda t: t.config["trial"]["name"],
         ),
@@ -153,9 +262,23 @@ def _tuner(plan: Plan, callbacks: list[tune.Callback], resume: bool) -> tune.Tun
     )
 
 
+def _ended_before(config: Config) -> list[str]:
+    """Trials a saved sweep state records as ended (TERMINATED). The state is saved before an interrupt stops the
+    running trials, so it holds them as running; Tune's results after an interrupt call every trial terminated."""
+    path = sweep_path(config)
+    if not tune.Tuner.can_restore(path):
+        return []
+    from ray.tune import ExperimentAnalysis
+
+    return [t.config["trial"]["name"] for t in ExperimentAnalysis(path).trials if t.status == "TERMINATED"]
+
+
 def run_sweep(plan: Plan, *, resume: bool = False, callbacks: list[tune.Callback] = ()) -> list[TrialOutcome]:
-    """Run (or resume) every trial of the plan; returns each trial's final metrics or error."""
-    results = _tuner(plan, list(callbacks), resume).fit()
+    """Run (or resume) every trial of the plan; returns each trial's final metrics or error. Trials ended by Tune
+    are handed to the `on_trial_end` listeners as they end (the callback `TrialsEnded` is added here)."""
+    ended: set[str] = set(_ended_before(plan.config) if resume else ())
+    with on_trial_end(lambda name, result: ended.add(name)):
+        results = _tuner(plan, [*callbacks, TrialsEnded()], resume).fit()
     by_name = {n: (o, c) for n, o, c in zip(plan.names, plan.trials, plan.trial_configs, strict=True)}
     outcomes = []
     for result in results:
@@ -164,6 +287,7 @@ def run_sweep(plan: Plan, *, resume: bool = False, callbacks: list[tune.Callback
         error = None
         if result.error is not None:
             error = str(result.error).strip().splitlines()[-1] if str(result.error).strip() else repr(result.error)
-        outcomes.append(TrialOutcome(name, overrides, config, dict(result.metrics or {}), error))
+        outcomes.append(TrialOutcome(name, overrides, config, dict(result.metrics or {}), error,
+                                     ended=name in ended))
     order = {name: i for i, name in enumerate(plan.names)}
     return sorted(outcomes, key=lambda o: order[o.name])

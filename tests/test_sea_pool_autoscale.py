@@ -1,0 +1,87 @@
+"""The SEA pool autoscales on a simulated 2-node cluster: it grows past one actor while batches are queued and
+holds no CPU once the scoring is done."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from .conftest import REPO
+from .test_sweep import trained_checkpoint  # noqa: F401 (a fixture)
+
+NODE_CPUS = 2
+
+
+def pool_actors() -> set[str]:
+    """Ids of the SEA pool's actors (Ray Data MapWorkers) that are alive or being started, from the GCS actor table."""
+    from ray._private.state import actors
+
+    return {actor_id for actor_id, info in actors().items()
+            if "MapWorker" in info["ActorClassName"] and info["State"] in ("ALIVE", "PENDING_CREATION", "RESTARTING")}
+
+
+def released(ray, total: float, wait_s: float = 60.0) -> None:
+    """Wait until every CPU of the cluster is free again (the pool's actors gone); fail if not within wait_s."""
+    deadline = time.time() + wait_s
+    while time.time() < deadline and ray.available_resources().get("CPU", 0.0) < total:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0.0) == total, ray.available_resources()
+
+
+@pytest.mark.slow
+@pytest.mark.realpath
+def test_pool_grows_past_one_actor_and_releases_its_cpus(trained_checkpoint):  # noqa: F811 (the fixture)
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from orchestrator.cluster import quiet_data
+    from orchestrator.config import with_values
+    from orchestrator.sea_pool import ScoringCancelled, score_checkpoint
+
+    config, checkpoint = trained_checkpoint
+    config = with_values(config, {"sea.iterations": 6, "sea.losses": ["mce", "js"], "sea.images": 16,
+                                  "sea.batch_size": 2, "sea.min_actors": 1, "sea.max_actors": 3,
+                                  "sea.cpus_per_actor": 1})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": NODE_CPUS, "include_dashboard": False})
+    cluster.add_node(num_cpus=NODE_CPUS)
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    ray.init(address=cluster.address, runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, logging_level="ERROR")
+    try:
+        cluster.wait_for_nodes()
+        quiet_data()
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        total = ray.cluster_resources()["CPU"]
+        assert total == 2 * NODE_CPUS
+        seen: list[set[str]] = []
+        scoring = threading.Event()
+
+        def watch() -> None:
+            while not scoring.is_set():
+                seen.append(pool_actors())
+                time.sleep(0.2)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            outcome = score_checkpoint(config, checkpoint)
+        finally:
+            scoring.set()
+            watcher.join(timeout=10)
+        assert outcome.images == 16 and outcome.scored_by
+        # 8 batches queued for one actor: the pool grew past one actor, up to sea.max_actors
+        assert 1 < max(len(ids) for ids in seen) <= config.sea.max_actors, [len(ids) for ids in seen]
+        released(ray, total)  # no actor left holding a CPU
+        assert not pool_actors()
+        # an interrupted job stops scoring at the first batch back: ScoringCancelled, and the pool is released too
+        stop = threading.Event()
+        stop.set()
+        with pytest.raises(ScoringCancelled):
+            score_checkpoint(config, checkpoint, stop=stop)
+        released(ray, total)
+        assert not pool_actors()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
