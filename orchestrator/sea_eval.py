@@ -21,8 +21,8 @@ import torch
 
 from data import shards
 from orchestrator.config import Config, ConfigError, to_dict, with_values
+from orchestrator.scores import SEA_GROUP, metric_key
 from orchestrator.sea_pool import combine, eval_view, image_key, score_batch
-from orchestrator.tracking import SEA_GROUP, metric_key
 from trainables.units import eps_label
 
 BLOCKS = "blocks"
