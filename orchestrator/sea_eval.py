@@ -242,11 +242,13 @@ class BlockScorer:
 
     def __init__(self, config: dict[str, Any], num_classes: int, threads: int, output: str,
                  example_ids: tuple[str, ...]):
-        from trainables.pir_at import model_from_config
+        from orchestrator.config import ModelConfig
+        from trainables.models import build_from_config
 
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = model_from_config(config, num_classes).to(self.device).eval()
+        model = build_from_config(ModelConfig.model_validate(config["model"]), num_classes)
+        self.model = model.to(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.sea = config["sea"]
