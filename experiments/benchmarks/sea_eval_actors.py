@@ -5,7 +5,7 @@ the CLI twice, each in a fresh process with a local Ray, one CPU thread per acto
 (the last progress line: images scored over the scoring wall time, from the moment every actor has built its
 model). Run it on a quiet machine with at least 2 free cores:
 
-    PYTHONPATH=. python experiments/benchmarks/sea_eval_actors.py --images 32 --iterations 20
+    PYTHONPATH=. python experiments/benchmarks/sea_eval_actors.py --images 64 --iterations 20
 """
 
 from __future__ import annotations
