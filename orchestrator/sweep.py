@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ TRIALS_DIR = "trials"
 KEPT_DIR = "kept"  # a run's checkpoints kept for sweep.epochs_mode checkpoints, beside Ray Train's epoch_NNNN
 TRIAL_DRIVER_MEMORY = 256 * 1024**2
 TRIAL_STOP_GRACE_S = 10
+RELEASE_WAIT_S = 120.0  # how long a stopped trial's placement group may stay in use before it is left to the job's end
 
 
 @dataclass
@@ -210,6 +212,50 @@ class TrialsEnded(tune.Callback):
         self._hand(trial)
 
 
+class ReleaseStoppedTrials(tune.Callback):
+    """Driver-side Tune callback: gives back the CPUs (GPUs) of a trial the scheduler stopped early.
+
+    Tune stops such a trial by killing its actor, which takes its TrainController and workers with it; but the
+    workers' placement group, created by the controller, lives as long as the job (Ray frees a placement group
+    when its creator and its creator's job are both gone). Left there, it holds its resources until the sweep
+    ends, and on a small cluster the next trials' data tasks wait for a CPU forever. The worker reports its
+    placement group with every epoch; once nothing runs in it any more, it is removed here."""
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        result = dict(trial.last_result or {})
+        group = result.get("placement_group")
+        if group and not result.get("trial_done"):
+            name = trial.config["trial"]["name"]
+            threading.Thread(target=release_placement_group, args=(group, name), daemon=True,
+                             name=f"release-{name}").start()
+
+
+def release_placement_group(group: str, trial: str, wait_s: float = RELEASE_WAIT_S) -> bool:
+    """Remove placement group `group` (hex id) once none of its resources is in use (its actors have died), waiting
+    up to `wait_s`; True if it was removed. A group that is gone already is left alone."""
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    handle = PlacementGroup(PlacementGroupID.from_hex(group))
+    deadline = time.time() + wait_s
+    while time.time() < deadline:
+        if placement_group_table(handle).get("state") != "CREATED":
+            return False
+        suffix = f"_group_{group}"
+        total, free = ray.cluster_resources(), ray.available_resources()
+        held = {k: v for k, v in total.items() if k.endswith(suffix) and not k.startswith("bundle_group")}
+        if all(free.get(k, 0.0) >= v for k, v in held.items()):
+            remove_placement_group(handle)
+            cpus = held.get(f"CPU{suffix}", 0.0)
+            print(f"trial {trial}: stopped early; released its Train workers' placement group ({cpus:g} CPU)",
+                  flush=True)
+            return True
+        time.sleep(0.5)
+    print(f"trial {trial}: stopped early, but its Train workers' placement group {group} was still in use after "
+          f"{wait_s:.0f}s; it is released when the sweep ends", flush=True)
+    return False
+
+
 def _scheduler(plan: Plan):
     """The trial scheduler `sweep.scheduler` names (None: FIFO). ASHA acts on the selection metric (the robust
     proxy on the held-out selection images); epochs without a validation report no proxy and are passed over."""
@@ -278,7 +324,7 @@ def run_sweep(plan: Plan, *, resume: bool = False, callbacks: list[tune.Callback
     are handed to the `on_trial_end` listeners as they end (the callback `TrialsEnded` is added here)."""
     ended: set[str] = set(_ended_before(plan.config) if resume else ())
     with on_trial_end(lambda name, result: ended.add(name)):
-        results = _tuner(plan, [*callbacks, TrialsEnded()], resume).fit()
+        results = _tuner(plan, [*callbacks, TrialsEnded(), ReleaseStoppedTrials()], resume).fit()
     by_name = {n: (o, c) for n, o, c in zip(plan.names, plan.trials, plan.trial_configs, strict=True)}
     outcomes = []
     for result in results:

@@ -171,6 +171,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             "steps": stats.steps,
             "resumed_from_epoch": resumed_from,
             "worker_nodes": node,
+            "placement_group": ray.get_runtime_context().get_placement_group_id() or "",
             "param_fingerprints": _gather(fingerprint(trainer.module), world),
             **stats.times.as_metrics(),
             **validation,

@@ -35,8 +35,13 @@ def test_short_robust_run_saves_a_loadable_cvst_checkpoint(tmp_path, repo_env):
     model = build_model("upernet", "convnext_atto", 4, "cvst", backbone_weights=str(out), decoder_width=16)
     backbone = model.backbone.state_dict()
     body = {k: v for k, v in state.items() if k.startswith("model.") and not k.startswith("model.head.")}
-    assert set(body) == set(backbone)
+    # the classifier is the whole timm body; the per-stage output norms (norm0..3) belong to segmentation only
+    assert set(body) == {k for k in backbone if k.startswith("model.")}
     assert all(torch.equal(backbone[k], v) for k, v in body.items())
+    stage_norms = {k: v for k, v in backbone.items() if not k.startswith("model.")}
+    assert sorted(stage_norms) == sorted(f"norm{i}.{p}" for i in range(4) for p in ("weight", "bias"))
+    assert all(torch.equal(v, torch.ones_like(v) if k.endswith("weight") else torch.zeros_like(v))
+               for k, v in stage_norms.items())
     assert model.init_report["layout"] == "state_dict/normalize+model."
 
 
