@@ -90,7 +90,7 @@ def test_bad_values_are_one_line_errors_naming_key_value_and_what_is_valid(overr
 def test_plan_lists_the_extra_attacks_and_defences():
     plain = format_plan(build_plan(load_config(DEMO), "sqlite:///x.db"))
     assert "  extra attacks: none" in plain and "  defence: none" in plain
-    config = load_config(DEMO, ["sea.extra_attacks=[fgsm, ifgsm]", "sea.defense=[nlm, nlm-bpda]"])
+    config = load_config(DEMO, ["sea.extra_attacks=[fgsm, ifgsm]", "sea.defense=[nlm, nlm-bpda]", "sea.iterations=20"])
     text = format_plan(build_plan(config, "sqlite:///x.db"))
     assert "extra attacks: fgsm, ifgsm at every eps on the SEA images" in text
     assert "scored apart, not in SEA's worst case" in text

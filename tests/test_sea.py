@@ -200,7 +200,8 @@ def test_sea_runs_each_loss_with_the_tracking_asked_for(model, batch):
 
 @pytest.mark.realpath
 def test_summary_names_the_ensemble_that_ran():
-    config = load_config(REPO_ROOT / "experiments" / "configs" / "demo.yaml", ["sea.losses=[mce,js]", "sea.track=own"])
+    config = load_config(REPO_ROOT / "experiments" / "configs" / "demo.yaml", ["sea.losses=[mce,js]", "sea.track=own",
+                                                                                   "sea.iterations=20"])
     text = summary_markdown([{"trial_name": "a", "sea_miou_eps8": 0.25}], sea_ensemble(config))
     assert "SEA ensemble: APGD with red-ε, 20 iterations for each of mce, js; step sizes and restarts tracked by " \
            "each loss itself." in text
