@@ -6,38 +6,27 @@ The same command runs under `ray job submit`. Exit codes: 0 done, 2 bad input (c
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.config import ConfigError, load_config, parse_overrides, resolve_paths  # noqa: E402
+from orchestrator.cli import EXIT_INPUT, load_job_config, parse_job_args  # noqa: E402
+from orchestrator.config import ConfigError  # noqa: E402
 from orchestrator.redact import redact  # noqa: E402
-from orchestrator.tracking import resolve_tracking_uri  # noqa: E402
-
-EXIT_INPUT = 2
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="sea_eval.py", description=__doc__.split("\n\n")[0],
-                                     epilog="Overrides: key.path=value after the options, e.g. sea.eps=[4,8].")
-    parser.add_argument("--config", required=True, help="YAML config, e.g. experiments/configs/eval_demo.yaml")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="validate, print the plan (model, images, blocks, actors, attack iterations) and exit")
-    parser.add_argument("--resume", action="store_true",
-                        help="score only the blocks missing from eval.output; finished blocks are not rescored")
-    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
-    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parse_job_args(
+        argv, prog="sea_eval.py", doc=__doc__,
+        config_help="YAML config, e.g. experiments/configs/eval_demo.yaml",
+        dry_run_help="validate, print the plan (model, images, blocks, actors, attack iterations) and exit",
+        resume_help="score only the blocks missing from eval.output; finished blocks are not rescored",
+        example="sea.eps=[4,8]")
     from orchestrator.sea_eval import EvalInputError, build_plan, format_plan, run
 
     try:
-        config = resolve_paths(load_config(args.config, args.overrides), Path.cwd())
-        tracking_uri = resolve_tracking_uri(config, override_given="tracking.uri" in parse_overrides(args.overrides))
+        config, tracking_uri = load_job_config(args)
         if args.dry_run:
             print(format_plan(build_plan(config, tracking_uri, dry_run=True)))
             return 0

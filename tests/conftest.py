@@ -21,6 +21,17 @@ def repo_env() -> dict[str, str]:
     return env
 
 
+@pytest.fixture
+def two_torch_threads():
+    """Two torch threads for the test, the previous count restored after it (model-size tests, same arithmetic)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _free_port() -> int:
     import socket
 

@@ -20,13 +20,7 @@ from trainables.models import (
 SIZES = [(473, 473), (512, 512), (97, 131)]
 SMALL_CONVNEXTS = ("convnext_atto", "convnext_femto", "convnext_pico", "convnext_nano")
 
-
-@pytest.fixture(autouse=True)
-def _threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
 def _combinations():

@@ -16,19 +16,11 @@ import torch.nn.functional as F
 
 from trainables.models import ModelWeightsError, ModelWeightsNotFound, build_model
 
-pytestmark = pytest.mark.realpath
+pytestmark = [pytest.mark.realpath, pytest.mark.usefixtures("two_torch_threads")]
 
 TINY = {"depths": (3, 3, 9, 3), "dims": (96, 192, 384, 768), "width": 512, "aux_width": 256}
 # The same layout scaled down (convnext_atto's stages) so the fast test runs in a few seconds.
 ATTO = {"depths": (2, 2, 6, 2), "dims": (40, 80, 160, 320), "width": 32, "aux_width": 16}
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
 
 
 def published_state(spec: dict, classes: int, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -88,11 +88,11 @@ class _CrossEntropy(torch.autograd.Function):
     cross-entropy is computed; every loss built on it gets its gradient through autograd. A workspace of the
     logits' shape may be passed: the exponentials and then the gradient are written into it (fresh tensors of
     this size cost page faults on every call), so it must not be reused before this backward has run, which may
-    then run once only."""
+    then run once only; it must have the logits' shape and dtype (`AttackLoss` keeps one that does)."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, valid: Tensor, top: Tensor, workspace: Tensor | None) -> Tensor:
-        ctx.in_place = workspace is not None and workspace.shape == logits.shape and workspace.dtype == logits.dtype
+        ctx.in_place = workspace is not None
         if not ctx.in_place:
             workspace = torch.empty_like(logits, memory_format=torch.contiguous_format)
         # exp(u − max) as 2^(log2(e)·u − log2(e)·max): one fused pass for shift and scale, and exp2 is several
@@ -210,10 +210,17 @@ def pixel_loss(name: str, logits: Tensor, y: Tensor, *, ignore_index: int = IGNO
     return LOSSES[check_loss_name(name)](PixelTerms(logits, y, ignore_index), step, total_steps)
 
 
-def image_mean(pixel: Tensor, t: PixelTerms) -> Tensor:
-    """Per image (N,): the per-pixel values summed over the image and divided by its labelled pixels."""
-    labelled = t.valid.sum((1, 2)).clamp_min(1).to(pixel.dtype)
-    return (pixel * (t.valid.to(pixel.dtype) / labelled.view(-1, 1, 1))).sum((1, 2))
+def labelled_weight(valid: Tensor, dtype: torch.dtype) -> Tensor:
+    """Per pixel (N×H×W), 1 / (labelled pixels of its image) on labelled pixels and 0 on ignored ones."""
+    return valid.to(dtype) / valid.sum((1, 2)).clamp_min(1).to(dtype).view(-1, 1, 1)
+
+
+def image_mean(pixel: Tensor, t: PixelTerms, weight: Tensor | None = None) -> Tensor:
+    """Per image (N,): the per-pixel values summed over the image and divided by its labelled pixels (`weight`:
+    `labelled_weight` of the batch, when the caller keeps it across calls)."""
+    if weight is None:
+        weight = labelled_weight(t.valid, pixel.dtype)
+    return (pixel * weight).sum((1, 2))
 
 
 def per_image_loss(
@@ -252,12 +259,13 @@ class AttackLoss:
         self.target, self.valid = split_labels(y, ignore_index)
         self.num_classes: int | None = None
         self.grad_scale: Tensor | None = None
+        self.weight: Tensor | None = None  # labelled_weight of the batch, in the loss's dtype
         self._workspace: Tensor | None = None  # reused by every call: an objective's backward runs before the next
 
     def _finalise(self, num_classes: int, dtype: torch.dtype) -> None:
         if self.check:
             check_labels(self.y, num_classes, self.ignore_index, where=f"attack loss {self.name!r}")
-        weight = self.valid.to(dtype) / self.valid.sum((1, 2)).clamp_min(1).to(dtype).view(-1, 1, 1)
+        self.weight = weight = labelled_weight(self.valid, dtype)
         if self.name == "mce-bal":
             weight = weight * class_balance_weights(self.y, num_classes, self.ignore_index, dtype)
         peak = weight.flatten(1).amax(1)
@@ -269,6 +277,7 @@ class AttackLoss:
         sub = AttackLoss(self.name, self.y[index], self.ignore_index, self.track, check=False)
         sub.num_classes = self.num_classes
         sub.grad_scale = None if self.grad_scale is None else self.grad_scale[index]
+        sub.weight = None if self.weight is None else self.weight[index]
         return sub
 
     def __call__(self, logits: Tensor, *, step: int = 0, total_steps: int = 1) -> tuple[Tensor, Tensor, Tensor]:
@@ -284,8 +293,9 @@ class AttackLoss:
                     self._workspace.dtype != logits.dtype or self._workspace.device != logits.device:
                 self._workspace = torch.empty_like(logits, memory_format=torch.contiguous_format)
             terms = PixelTerms(logits, self.y, self.ignore_index, self._workspace)
-            loss = image_mean(LOSSES[self.name](terms, step, total_steps), terms)
+            weight = self.weight.to(logits.dtype)
+            loss = image_mean(LOSSES[self.name](terms, step, total_steps), terms, weight)
             objective = (loss * self.grad_scale.to(loss.dtype)).sum()
             correct = terms.correct.sum((1, 2))
-            value = loss.detach() if self.track == "own" else image_mean(terms.ce.detach(), terms)
+            value = loss.detach() if self.track == "own" else image_mean(terms.ce.detach(), terms, weight)
         return value, correct, objective

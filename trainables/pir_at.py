@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from data.classes import IGNORE_INDEX
 from trainables import metrics
-from trainables.attacks import apgd, pgd_unchecked, raise_on_values, value_checks
+from trainables.attacks import apgd, pgd, raise_on_values, value_checks
 from trainables.models import build_from_config
 from trainables.models.build import ModelSection
 from trainables.schedule import warmup_poly
@@ -170,9 +170,8 @@ class PirAt:
             p.requires_grad_(False)
         try:
             with self._autocast():
-                x_adv = pgd_unchecked(self.module, x, y, eps=self.eps, steps=self.attack_steps,
-                                      step_size=self.step_size, loss="ce", random_start=self.random_start,
-                                      ignore_index=IGNORE_INDEX)
+                x_adv = pgd(self.module, x, y, eps=self.eps, steps=self.attack_steps, step_size=self.step_size,
+                            loss="ce", random_start=self.random_start, ignore_index=IGNORE_INDEX, host_checks=False)
         finally:
             for p in params:
                 p.requires_grad_(True)

@@ -2,7 +2,7 @@
 
 from trainables.attacks.apgd import apgd
 from trainables.attacks.common import AttackValidityError, check_valid, raise_on_values, value_checks
-from trainables.attacks.pgd import fgsm, ifgsm, least_likely, pgd, pgd_unchecked
+from trainables.attacks.pgd import fgsm, ifgsm, least_likely, pgd
 from trainables.attacks.sea import SEA_LOSSES, ScoreAt, SeaResult, aggregate, sea
 
 __all__ = [
@@ -17,7 +17,6 @@ __all__ = [
     "ifgsm",
     "least_likely",
     "pgd",
-    "pgd_unchecked",
     "raise_on_values",
     "sea",
     "value_checks",

@@ -71,44 +71,30 @@ def pgd(
     random_start: bool = False,
     ignore_index: int = IGNORE_INDEX,
     seed: int | None = None,
+    host_checks: bool = True,
 ) -> Tensor:
-    """PGD: x_{t+1} = clip_[0,1](clip_ε(x_t + step_size·sign(∇loss))); returns the last iterate (steps 0: x)."""
+    """PGD: x_{t+1} = clip_[0,1](clip_ε(x_t + step_size·sign(∇loss))); returns the last iterate (steps 0: x).
+
+    `host_checks=False` skips the checks that read tensor values on the host (image range, labels, the result's
+    validity) and leaves the model's mode alone, for a caller that puts the model in eval mode itself and reads
+    `value_checks` of the result later (the training step: one host synchronisation per step)."""
     where = "pgd"
     eps = check_eps(eps, where)
     steps = check_count(steps, where, "steps", 0)
     step_size = _check_step_size(step_size, where)
     check_loss(loss, where)
-    check_batch(x, y, where, ignore_index)
+    if host_checks:
+        check_batch(x, y, where, ignore_index)
     x = x.detach()
     if steps == 0:
         return x.clone()
-    with eval_mode(model):
-        x_adv = pgd_unchecked(model, x, y, eps=eps, steps=steps, step_size=step_size, loss=loss,
-                              random_start=random_start, ignore_index=ignore_index, seed=seed, check_labels=True)
-    return check_valid(x_adv, x, eps, where)
-
-
-def pgd_unchecked(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    eps: float,
-    steps: int,
-    step_size: float,
-    loss: str = "ce",
-    random_start: bool = False,
-    ignore_index: int = IGNORE_INDEX,
-    seed: int | None = None,
-    check_labels: bool = False,
-) -> Tensor:
-    """PGD's iterations without the checks that read values on the host (image range, labels, the result's
-    validity), for a caller that reads `value_checks` of its result later with its own values (the training
-    step: one host synchronisation per step). Arguments as pgd's, already checked; the model in eval mode."""
-    x = x.detach()
     start = uniform_start(x, eps, make_generator(seed, x.device)) if random_start else x.clone()
-    bound = AttackLoss(loss, y, ignore_index, check=check_labels)
-    return _sign_iterations(model, x, start, bound, eps, steps, step_size, 1.0)
+    bound = AttackLoss(loss, y, ignore_index, check=host_checks)
+    if not host_checks:
+        return _sign_iterations(model, x, start, bound, eps, steps, step_size, 1.0)
+    with eval_mode(model):
+        x_adv = _sign_iterations(model, x, start, bound, eps, steps, step_size, 1.0)
+    return check_valid(x_adv, x, eps, where)
 
 
 def fgsm(
