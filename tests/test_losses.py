@@ -234,3 +234,43 @@ def test_cross_entropy_and_its_gradient_equal_torchs():
         assert torch.autograd.gradcheck(lambda t, name=name, small=small: per_image_loss(name, t, small, step=1,
                                                                                          total_steps=3),
                                         (logits[:, :, :2, :3].clone().requires_grad_(True),))
+
+
+@pytest.mark.realpath
+def test_mask_sph_closed_form_gradient_equals_autograd_of_the_plain_formula():
+    logits, y = _batch(seed=8, n=3, h=6, w=5)
+    logits[2, :, 0, 0] = 0.0  # a pixel whose logits have no direction (norm below the clamp)
+    y[2, 0, 0] = 0
+    w = torch.rand(y.shape, dtype=logits.dtype, generator=torch.Generator().manual_seed(2))
+
+    def plain(u):
+        correct = (u.detach().argmax(1) == y) & (y != IGN)
+        u_y = u.gather(1, torch.where(y == IGN, 0, y).unsqueeze(1)).squeeze(1)
+        return -(u_y / (u * u).sum(1).sqrt().clamp_min(1e-12)) * correct
+
+    ref_x = logits.clone().requires_grad_(True)
+    (ref_grad,) = torch.autograd.grad((plain(ref_x) * w).sum(), ref_x)
+    x = logits.clone().requires_grad_(True)
+    ours = pixel_loss("mask-sph", x, y)
+    (grad,) = torch.autograd.grad((ours * w).sum(), x)
+    torch.testing.assert_close(ours, plain(logits), rtol=1e-12, atol=1e-12)
+    # there autograd's sqrt backward gives NaN (0·inf); the closed form gives the clamped function's gradient,
+    # −w / 1e-12 on the true class and 0 elsewhere
+    assert torch.isnan(ref_grad[2, :, 0, 0]).all()
+    assert torch.isfinite(grad).all()
+    ref_grad[2, :, 0, 0] = 0.0
+    ref_grad[2, 0, 0, 0] = -w[2, 0, 0] / 1e-12
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+    # through AttackLoss, whose workspaces are reused from one call to the next
+    bound = AttackLoss("mask-sph", y, track="own")
+    scale = None
+    for _ in range(2):
+        value, _, got = _objective_grad(bound, logits)
+        scale = bound.grad_scale.view(-1, 1, 1, 1)
+        labelled = (y != IGN).sum((1, 2)).to(logits.dtype).view(-1, 1, 1, 1)
+        ref_x = logits.clone().requires_grad_(True)
+        (want,) = torch.autograd.grad((plain(ref_x).unsqueeze(1) * scale / labelled).sum(), ref_x)
+        want[2, :, 0, 0] = 0.0
+        want[2, 0, 0, 0] = -(scale / labelled)[2, 0, 0, 0] / 1e-12
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert scale is not None

@@ -114,13 +114,44 @@ class _CrossEntropy(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+class _TrueClassCosine(torch.autograd.Function):
+    """Per pixel u_y / max(‖u‖₂, 1e-12), the true-class entry of the ℓ2-normalised logits, with its closed-form
+    gradient g·(δ_ky / ‖u‖ − u_y·u_k / ‖u‖³) (below the clamp g·δ_ky / 1e-12, finite where autograd's sqrt gives
+    NaN): one pass over N×K×H×W for the squares and one for the gradient, where autograd spends six (the squares,
+    their backward twice, the gather's scatter into zeros, the sums of the branches). A workspace of the logits'
+    shape and dtype holds the squares and then the gradient; like `_CrossEntropy`'s, it must not be reused before
+    this backward has run."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, workspace: Tensor | None) -> Tensor:
+        ctx.in_place = workspace is not None
+        squares = torch.mul(logits, logits, out=workspace) if ctx.in_place else logits * logits
+        norm = class_sum(squares).sqrt_()
+        safe = norm.clamp_min(1e-12)
+        u_y = logits.gather(1, target.unsqueeze(1)).squeeze(1)
+        ctx.save_for_backward(logits, target, norm, safe, u_y)
+        ctx.workspace = workspace
+        return u_y / safe
+
+    @staticmethod
+    def backward(ctx, grad_cos: Tensor):
+        logits, target, norm, safe, u_y = ctx.saved_tensors
+        along = torch.where(norm >= 1e-12, -grad_cos * u_y / (safe * safe * safe), torch.zeros_like(safe))
+        grad = torch.mul(logits, along.unsqueeze(1), out=ctx.workspace) if ctx.in_place else logits * along.unsqueeze(1)
+        grad.scatter_add_(1, target.unsqueeze(1), (grad_cos / safe).unsqueeze(1))
+        return grad, None, None
+
+
 class PixelTerms:
     """What the losses share for one batch of logits and labels, each computed once: the target with ignored
-    pixels at class 0, the labelled mask, the per-pixel maximum, the correct mask and the (differentiable) CE."""
+    pixels at class 0, the labelled mask, the per-pixel maximum, the correct mask and the (differentiable) CE.
+    `workspaces`: two tensors of the logits' shape and dtype that the closed-form gradients write into (CE's, and
+    Mask-Sph's), kept by the caller across calls; without them each call allocates."""
 
     def __init__(self, logits: Tensor, y: Tensor, ignore_index: int = IGNORE_INDEX,
-                 workspace: Tensor | None = None):
-        self.logits, self.y, self.ignore_index, self.workspace = logits, y, ignore_index, workspace
+                 workspaces: tuple[Tensor, Tensor] | None = None):
+        self.logits, self.y, self.ignore_index = logits, y, ignore_index
+        self.workspace, self.aux_workspace = workspaces if workspaces is not None else (None, None)
         self.target, self.valid = split_labels(y, ignore_index)
         self._ce: Tensor | None = None
         self._correct: Tensor | None = None
@@ -188,9 +219,7 @@ def cospgd_pixel(t: PixelTerms, step: int = 0, total_steps: int = 1) -> Tensor:
 
 def mask_sph_pixel(t: PixelTerms, step: int = 0, total_steps: int = 1) -> Tensor:
     """Mask-Sph: minus the true-class entry of the ℓ2-normalised logits, on currently correct pixels only."""
-    u_y = t.logits.gather(1, t.target.unsqueeze(1)).squeeze(1)
-    norm = class_sum(t.logits * t.logits).sqrt().clamp_min(1e-12)
-    return -(u_y / norm) * t.correct
+    return -_TrueClassCosine.apply(t.logits, t.target, t.aux_workspace) * t.correct
 
 
 LOSSES: dict[str, Callable[..., Tensor]] = {
@@ -260,7 +289,8 @@ class AttackLoss:
         self.num_classes: int | None = None
         self.grad_scale: Tensor | None = None
         self.weight: Tensor | None = None  # labelled_weight of the batch, in the loss's dtype
-        self._workspace: Tensor | None = None  # reused by every call: an objective's backward runs before the next
+        # reused by every call (an objective's backward runs before the next): CE's and Mask-Sph's gradients
+        self._workspaces: tuple[Tensor, Tensor] | None = None
 
     def _finalise(self, num_classes: int, dtype: torch.dtype) -> None:
         if self.check:
@@ -289,10 +319,12 @@ class AttackLoss:
                 self._finalise(logits.shape[1], logits.dtype)
             elif logits.shape[1] != self.num_classes:
                 raise ValueError(f"logits have {logits.shape[1]} classes, the loss was set up for {self.num_classes}")
-            if self._workspace is None or self._workspace.shape != logits.shape or \
-                    self._workspace.dtype != logits.dtype or self._workspace.device != logits.device:
-                self._workspace = torch.empty_like(logits, memory_format=torch.contiguous_format)
-            terms = PixelTerms(logits, self.y, self.ignore_index, self._workspace)
+            if self._workspaces is None or self._workspaces[0].shape != logits.shape or \
+                    self._workspaces[0].dtype != logits.dtype or self._workspaces[0].device != logits.device:
+                second = self.name == "mask-sph"
+                self._workspaces = tuple(torch.empty_like(logits, memory_format=torch.contiguous_format) if i == 0
+                                         or second else None for i in range(2))
+            terms = PixelTerms(logits, self.y, self.ignore_index, self._workspaces)
             weight = self.weight.to(logits.dtype)
             loss = image_mean(LOSSES[self.name](terms, step, total_steps), terms, weight)
             objective = (loss * self.grad_scale.to(loss.dtype)).sum()
