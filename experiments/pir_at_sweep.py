@@ -16,8 +16,6 @@ from orchestrator.config import DEFAULT_CONFIG, ConfigError  # noqa: E402
 from orchestrator.plan import build_plan, format_plan  # noqa: E402
 from orchestrator.redact import redact  # noqa: E402
 
-EXIT_CONFIG = EXIT_INPUT
-
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_job_args(
@@ -31,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = build_plan(config, tracking_uri)
     except ConfigError as exc:
         print(redact(f"config error: {exc}"), file=sys.stderr)
-        return EXIT_CONFIG
+        return EXIT_INPUT
     if args.dry_run:
         print(format_plan(plan))
         return 0

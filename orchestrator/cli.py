@@ -17,10 +17,7 @@ def parse_job_args(argv: list[str] | None, *, prog: str, doc: str, config_help: 
     """Parse `--config` (required unless `default_config`), `--dry-run`, `--resume` and key.path=value overrides."""
     parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
                                      epilog=f"Overrides: key.path=value after the options, e.g. {example}.")
-    if default_config is None:
-        parser.add_argument("--config", required=True, help=config_help)
-    else:
-        parser.add_argument("--config", default=default_config, help=config_help)
+    parser.add_argument("--config", required=default_config is None, default=default_config, help=config_help)
     parser.add_argument("--dry-run", action="store_true", help=dry_run_help)
     parser.add_argument("--resume", action="store_true", help=resume_help)
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")

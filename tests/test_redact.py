@@ -147,7 +147,7 @@ def test_config_errors_are_printed_redacted(capsys):
     spec.loader.exec_module(script)
     code = script.main(["--dry-run", "data.crop_size=s3://AKIAUSER:wr0ngplace@bucket/x"])
     err = capsys.readouterr().err
-    assert code == script.EXIT_CONFIG and "demo.yaml: data.crop_size = " in err
+    assert code == script.EXIT_INPUT and "demo.yaml: data.crop_size = " in err
     assert "s3://***@bucket/x" in err and "wr0ngplace" not in err
 
 

@@ -124,8 +124,7 @@ class _TrueClassCosine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, workspace: Tensor | None) -> Tensor:
-        ctx.in_place = workspace is not None
-        squares = torch.mul(logits, logits, out=workspace) if ctx.in_place else logits * logits
+        squares = torch.mul(logits, logits, out=workspace)
         norm = class_sum(squares).sqrt_()
         safe = norm.clamp_min(1e-12)
         u_y = logits.gather(1, target.unsqueeze(1)).squeeze(1)
@@ -137,7 +136,7 @@ class _TrueClassCosine(torch.autograd.Function):
     def backward(ctx, grad_cos: Tensor):
         logits, target, norm, safe, u_y = ctx.saved_tensors
         along = torch.where(norm >= 1e-12, -grad_cos * u_y / (safe * safe * safe), torch.zeros_like(safe))
-        grad = torch.mul(logits, along.unsqueeze(1), out=ctx.workspace) if ctx.in_place else logits * along.unsqueeze(1)
+        grad = torch.mul(logits, along.unsqueeze(1), out=ctx.workspace)
         grad.scatter_add_(1, target.unsqueeze(1), (grad_cos / safe).unsqueeze(1))
         return grad, None, None
 
@@ -149,7 +148,7 @@ class PixelTerms:
     Mask-Sph's), kept by the caller across calls; without them each call allocates."""
 
     def __init__(self, logits: Tensor, y: Tensor, ignore_index: int = IGNORE_INDEX,
-                 workspaces: tuple[Tensor, Tensor] | None = None):
+                 workspaces: tuple[Tensor, Tensor | None] | None = None):
         self.logits, self.y, self.ignore_index = logits, y, ignore_index
         self.workspace, self.aux_workspace = workspaces if workspaces is not None else (None, None)
         self.target, self.valid = split_labels(y, ignore_index)
@@ -290,7 +289,7 @@ class AttackLoss:
         self.grad_scale: Tensor | None = None
         self.weight: Tensor | None = None  # labelled_weight of the batch, in the loss's dtype
         # reused by every call (an objective's backward runs before the next): CE's and Mask-Sph's gradients
-        self._workspaces: tuple[Tensor, Tensor] | None = None
+        self._workspaces: tuple[Tensor, Tensor | None] | None = None
 
     def _finalise(self, num_classes: int, dtype: torch.dtype) -> None:
         if self.check:
@@ -321,9 +320,9 @@ class AttackLoss:
                 raise ValueError(f"logits have {logits.shape[1]} classes, the loss was set up for {self.num_classes}")
             if self._workspaces is None or self._workspaces[0].shape != logits.shape or \
                     self._workspaces[0].dtype != logits.dtype or self._workspaces[0].device != logits.device:
-                second = self.name == "mask-sph"
-                self._workspaces = tuple(torch.empty_like(logits, memory_format=torch.contiguous_format) if i == 0
-                                         or second else None for i in range(2))
+                ce = torch.empty_like(logits, memory_format=torch.contiguous_format)
+                aux = torch.empty_like(ce) if self.name == "mask-sph" else None
+                self._workspaces = (ce, aux)
             terms = PixelTerms(logits, self.y, self.ignore_index, self._workspaces)
             weight = self.weight.to(logits.dtype)
             loss = image_mean(LOSSES[self.name](terms, step, total_steps), terms, weight)
