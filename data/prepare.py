@@ -128,6 +128,7 @@ def prepare_split(
     progress: bool = True,
     part: str = "all",
     select_images: int = 0,
+    source: str | None = None,
 ) -> dict:
     """Write `out_uri/part-NNNNN.parquet` and `out_uri/manifest.json` for one split; returns the manifest.
 
@@ -142,6 +143,8 @@ def prepare_split(
     options = {"dataset": dataset, "split": split, "reduce_zero_label": reduce_zero_label,
                "shard_rows": shard_rows, "schema_version": shards.SCHEMA_VERSION, "part": part,
                "select_images": select_images}
+    if source is not None:
+        options["source"] = source
     chunks = [samples[i:i + shard_rows] for i in range(0, len(samples), shard_rows)]
     records, todo = _reusable_shards(chunks, out_uri, options)
     bar = tqdm(total=len(samples), unit="img", desc=f"{dataset}/{split} -> {out_uri}", disable=not progress,

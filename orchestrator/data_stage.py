@@ -17,18 +17,23 @@ from orchestrator.config import Config
 
 def _generated_root(config: Config) -> Path:
     """Where generated data lives: a folder beside local shards, keyed by the generator's settings."""
-    synthetic = config.data.synthetic
-    key = hashlib.sha256(json.dumps(synthetic.model_dump(), sort_keys=True).encode()).hexdigest()[:10]
     shards = config.data.shards
     parent = Path(shards).parent if "://" not in shards else Path.cwd() / ".cache"
-    return parent / f"generated-{config.data.val_dataset}-{key}"
+    return parent / f"generated-{config.data.val_dataset}-{_generator_key(config)}"
+
+
+def _generator_key(config: Config) -> str:
+    return hashlib.sha256(json.dumps(config.data.synthetic.model_dump(), sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _manifest_matches(uri: str, wanted: dict) -> bool:
+    """Whether the shards under `uri` were written with these options (the generator's settings included, so
+    shards of other generated data at the same URI are rewritten, not reused)."""
     if not shards.exists(f"{uri.rstrip('/')}/manifest.json"):
         return False
     manifest = shards.read_manifest(uri)
-    return all(manifest.get(key) == value for key, value in wanted.items())
+    recorded = {**manifest.get("options", {}), **{k: v for k, v in manifest.items() if k != "options"}}
+    return all(recorded.get(key) == value for key, value in wanted.items())
 
 
 def prepare_data(config: Config) -> tuple[str, str, str]:
@@ -40,14 +45,15 @@ def prepare_data(config: Config) -> tuple[str, str, str]:
         generate = generate_ade20k if data.dataset == "ade20k" else generate_voc
         root = generate(_generated_root(config), **data.synthetic.model_dump())
         print(f"generated {data.val_dataset} layout at {root}", file=sys.stderr, flush=True)
+        source = {"source": f"synthetic:{_generator_key(config)}"}
     else:
-        root = Path(data.root)
+        root, source = Path(data.root), {}
     base = data.shards.rstrip("/")
-    held_out = {"select_images": data.select_images}
+    held_out = {"select_images": data.select_images, **source}
     splits = (
         ("train", {"dataset": data.dataset, "split": data.train_split, "part": "rest", **held_out}),
         ("select", {"dataset": data.dataset, "split": data.train_split, "part": "select", **held_out}),
-        ("val", {"dataset": data.val_dataset, "split": data.val_split, "part": "all", "select_images": 0}),
+        ("val", {"dataset": data.val_dataset, "split": data.val_split, "part": "all", "select_images": 0, **source}),
     )
     uris = []
     for name, wanted in splits:
@@ -58,6 +64,6 @@ def prepare_data(config: Config) -> tuple[str, str, str]:
         else:
             prepare_split(wanted["dataset"], root, wanted["split"], uri, shard_rows=data.shard_rows, workers=2,
                           reduce_zero_label=data.reduce_zero_label, part=wanted["part"],
-                          select_images=wanted["select_images"])
+                          select_images=wanted["select_images"], source=wanted.get("source"))
         uris.append(uri)
     return uris[0], uris[1], uris[2]
