@@ -16,22 +16,16 @@ import io
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
-import timm
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainables.models.backbones import BACKBONES, family  # noqa: E402
-from trainables.models.normalize import ImageNetNormalize  # noqa: E402
-from trainables.models.stems import STEMS, set_convnext_stem  # noqa: E402
+from trainables.models.stems import STEMS  # noqa: E402
+from trainables.pretrain import LAYOUTS, classifier, layout_state, train_classifier  # noqa: E402
 from trainables.units import to_unit  # noqa: E402
-
-LAYOUTS = ("plain", "module", "normalize")
 
 
 def palette(classes: int) -> torch.Tensor:
@@ -56,51 +50,6 @@ def colour_discs(count: int, classes: int, size: int, generator: torch.Generator
     foreground = palette(classes)[labels][:, :, None, None] * uniform(0.8, 1.0)[:, None]
     noise = 0.04 * torch.randn(count, 3, size, size, generator=generator)
     return (background * (1 - disc) + foreground * disc + noise).clamp(0, 1), labels
-
-
-class Classifier(nn.Module):
-    """ImageNet normalisation + a timm classifier: the `normalize` / `model` wrapping of the robust checkpoints."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.normalize = ImageNetNormalize()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.normalize(x))
-
-
-def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, steps: int) -> torch.Tensor:
-    """l_inf PGD on cross-entropy from a uniform random start; the model is in eval mode while it runs."""
-    was_training = model.training
-    model.eval()
-    step_size = 2.5 * eps / max(steps, 1)
-    x = (images + torch.empty_like(images).uniform_(-eps, eps)).clamp(0, 1)
-    for _ in range(steps):
-        x.requires_grad_(True)
-        grad, = torch.autograd.grad(F.cross_entropy(model(x), labels), x)
-        x = x.detach() + step_size * grad.sign()
-        x = torch.min(torch.max(x, images - eps), images + eps).clamp(0, 1)
-    model.train(was_training)
-    return x.detach()
-
-
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    with torch.no_grad():
-        return (model.eval()(images).argmax(1) == labels).float().mean().item()
-
-
-def layout_state(model: nn.Module, layout: str) -> dict:
-    """The classifier's state dict (head included) in one of the published layouts."""
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if layout == "plain":
-        return state
-    if layout == "module":
-        return {f"module.{k}": v for k, v in state.items()}
-    norm = ImageNetNormalize()
-    wrapped = {"normalize.mean": norm.mean.clone(), "normalize.std": norm.std.clone()}
-    wrapped.update({f"model.{k}": v for k, v in state.items()})
-    return {"state_dict": wrapped}
 
 
 def save(obj, uri: str) -> None:
@@ -158,37 +107,19 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(args.seed)
-    extra = {"dynamic_img_size": True} if family(args.backbone) == "vit" else {}
-    net = timm.create_model(args.backbone, pretrained=False, num_classes=args.classes, **extra)
-    if family(args.backbone) == "convnext":
-        set_convnext_stem(net, args.stem)
-    model = Classifier(net)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.1)
-    eps = to_unit(args.eps)
-    start = time.time()
-    every = max(1, args.steps // 10)
-    for step in range(1, args.steps + 1):
-        images, labels = colour_discs(args.batch_size, args.classes, args.image_size, generator)
-        adversarial = pgd(model, images, labels, eps, args.attack_steps) if args.eps > 0 else images
-        model.train()
-        loss = F.cross_entropy(model(adversarial), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % every == 0 or step == args.steps:
-            elapsed = time.time() - start
-            print(f"step {step}/{args.steps}  adversarial loss {loss.item():.3f}  {elapsed:.0f}s", flush=True)
-    test_images, test_labels = colour_discs(256, args.classes, args.image_size, torch.Generator().manual_seed(10**6))
-    clean = accuracy(model, test_images, test_labels)
-    robust = accuracy(model, pgd(model, test_images, test_labels, to_unit(args.eval_eps), 10), test_labels)
+    model = classifier(args.backbone, args.stem, args.classes)
+    test = colour_discs(256, args.classes, args.image_size, torch.Generator().manual_seed(10**6))
+    result = train_classifier(
+        model, lambda count: colour_discs(count, args.classes, args.image_size, generator), test, steps=args.steps,
+        batch_size=args.batch_size, eps=to_unit(args.eps), attack_steps=args.attack_steps,
+        eval_eps=to_unit(args.eval_eps), lr=args.lr, log=lambda line: print(line, flush=True))
+    clean, robust = result.clean_accuracy, result.pgd_accuracy
     save(layout_state(model.model, args.layout), args.out)
     summary = {
         "backbone": args.backbone, "stem": args.stem, "layout": args.layout, "steps": args.steps,
         "eps_255": args.eps, "eval_eps_255": args.eval_eps, "attack_steps": args.attack_steps, "classes": args.classes,
         "image_size": args.image_size, "clean_accuracy": round(clean, 4), "pgd10_accuracy": round(robust, 4),
-        "chance": round(1 / args.classes, 4), "seconds": round(time.time() - start, 1),
+        "chance": round(1 / args.classes, 4), "seconds": round(result.seconds, 1),
     }
     save_json = json.dumps(summary, indent=2)
     if "://" in args.out and not args.out.startswith("file://"):

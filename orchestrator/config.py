@@ -37,6 +37,11 @@ class SyntheticData(_Section):
     num_classes: int = Field(5, ge=2, description="object classes drawn, background included")
     height: int = Field(375, ge=32)
     width: int = Field(500, ge=32)
+    style: Literal["colour", "texture"] = Field(
+        "colour", description="colour: classes told by saturated colour (learnt in minutes, robust by "
+                              "construction); texture: grey objects told by stripe texture and shape, as easy to "
+                              "attack as real images (data/synthetic.py)",
+    )
 
 
 class DataConfig(_Section):
@@ -106,15 +111,49 @@ class ModelConfig(_Section):
                                 "sees [0, 1] images (the paper's models)",
     )
 
+    init_weights: dict[Literal["pir", "clean"], str] = Field(
+        default_factory=dict, description="backbone checkpoint URI per init (the published robust and clean "
+                                          "backbones), used when model.backbone_weights is unset; lets init be "
+                                          "a sweep dimension on real data",
+    )
+
     @model_validator(mode="after")
     def _weights(self) -> ModelConfig:
         if self.weights and self.backbone_weights:
             raise ValueError("model.weights loads the whole model; drop model.backbone_weights, which it overwrites")
-        if self.init in ("pir", "clean") and not self.backbone_weights:
-            raise ValueError(f"init {self.init!r} needs model.backbone_weights (a checkpoint URI)")
         if self.init == "random" and self.backbone_weights:
             raise ValueError("init 'random' contradicts model.backbone_weights; use init 'pir' or 'clean'")
         return self
+
+    def init_source(self) -> str | None:
+        """The backbone checkpoint this init names (backbone_weights, else init_weights[init]); None for random
+        init and for an init left to the pretrain stage."""
+        if self.init == "random":
+            return None
+        return self.backbone_weights or self.init_weights.get(self.init)
+
+
+class PretrainConfig(_Section):
+    """The ImageNet stand-ins PIR needs on generated data: a classifier with the model's backbone, trained clean
+    (init: clean) and with ℓ∞ PGD (init: pir) on single-object images of the generated classes; cached under
+    {sweep.storage_path}/pretrain/{hash of these settings}. Real data takes the published backbones instead."""
+
+    steps: int = Field(600, ge=1, description="optimiser steps of each classifier")
+    batch_size: int = Field(32, ge=1)
+    image_size: int = Field(64, ge=32, description="square images, a multiple of 32")
+    classes: int = Field(8, ge=2, description="object classes (1..classes of the generated data's class list)")
+    eps: float = Field(4.0, gt=0, description="the robust classifier's training budget; " + UNITS_255)
+    attack_steps: int = Field(2, ge=1, description="PGD steps per batch of the robust classifier")
+    eval_eps: float = Field(4.0, gt=0, description="budget of the held-out PGD-10 check; " + UNITS_255)
+    lr: float = Field(2e-3, gt=0)
+    seed: int = 0
+
+    @field_validator("image_size")
+    @classmethod
+    def _multiple_of_32(cls, value: int) -> int:
+        if value % 32:
+            raise ValueError(f"{value}: must be a multiple of 32 (the backbone's stride)")
+        return value
 
 
 class TrainAttackConfig(_Section):
@@ -355,6 +394,21 @@ class Config(_Section):
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     cluster: ClusterConfig = ClusterConfig()
+    pretrain: Optional[PretrainConfig] = None
+
+    @model_validator(mode="after")
+    def _init(self) -> Config:
+        model, synthetic = self.model, self.data.synthetic
+        if self.pretrain is not None and synthetic is None:
+            raise ValueError("pretrain makes backbones for generated data (data.synthetic); with real data remove it "
+                             "and name the published robust and clean backbones in model.init_weights")
+        if model.init in ("pir", "clean") and model.init_source() is None and self.pretrain is None:
+            raise ValueError(f"model.init {model.init!r} needs a backbone checkpoint: model.backbone_weights, "
+                             f"model.init_weights.{model.init}, or (generated data) a pretrain section")
+        if self.pretrain is not None and self.pretrain.classes < synthetic.num_classes - 1:
+            raise ValueError(f"pretrain.classes = {self.pretrain.classes}: must cover the generated data's "
+                             f"{synthetic.num_classes - 1} object classes (data.synthetic.num_classes - 1)")
+        return self
 
     @model_validator(mode="after")
     def _batch(self) -> Config:
@@ -555,6 +609,7 @@ def resolve_paths(config: Config, base: str | Path) -> Config:
     raw["data"]["shards"] = _absolute_uri(raw["data"]["shards"], base)
     raw["data"]["root"] = _absolute_uri(raw["data"]["root"], base)
     raw["model"]["backbone_weights"] = _absolute_uri(raw["model"]["backbone_weights"], base)
+    raw["model"]["init_weights"] = {k: _absolute_uri(v, base) for k, v in raw["model"]["init_weights"].items()}
     weights = raw["model"]["weights"]  # an MLflow run id (runs:/<id> or 32 hex digits) is not a path
     run_id = weights and (weights.startswith("runs:/")
                           or (len(weights) == 32 and set(weights) <= set("0123456789abcdef")))

@@ -1,5 +1,6 @@
-"""The main job's stages in order: data, Ray, sweep (train, with SEA scoring each trial as it ends), the SEA left
-after training, MLflow summary; times each stage and splits the sweep's wall time into training, SEA and idle."""
+"""The main job's stages in order: data, Ray, backbone pretraining (generated data only), sweep (train, with SEA
+scoring each trial as it ends), the SEA left after training, MLflow summary; times each stage and splits the
+sweep's wall time into training, SEA and idle."""
 
 from __future__ import annotations
 
@@ -225,6 +226,7 @@ def _start(plan: Plan, timer: StageTimer, resume: bool):
     """Data and Ray stages, then the sweep's MLflow runs (a resumed job reuses them); returns (tracker, runs)."""
     from orchestrator.cluster import connect
     from orchestrator.data_stage import prepare_data
+    from orchestrator.pretrain import ensure_backbones, needed
     from orchestrator.tracking import SweepTracker
 
     with timer.stage("data"):
@@ -232,6 +234,9 @@ def _start(plan: Plan, timer: StageTimer, resume: bool):
     with timer.stage("ray"):
         say(connect(plan.config))
     tracker = SweepTracker(plan.tracking_uri, plan.config, resume=resume)
+    if needed(plan.trial_configs):
+        with timer.stage("pretrain"):
+            ensure_backbones(plan.trial_configs, tracker)
     mode = plan.config.sweep.epochs_mode
     if not plan.checkpoint_runs:
         runs = {name: tracker.trial_run(name, trial_config, overrides)
@@ -298,10 +303,14 @@ def _print_split(timer: StageTimer, scorer: TrialScorer) -> None:
 
 def _close(plan: Plan, tracker, timer: StageTimer, scorer: TrialScorer, trials: int) -> int:
     """The sweep's MLflow summary and the exit code (1 when a trial failed in training or scoring)."""
+    from orchestrator.claim import claim_markdown, claim_table, shows_claim
     from orchestrator.summary import sea_ensemble, summary_markdown
 
     rows = tracker.finish(status="FAILED" if scorer.failures else "FINISHED")
     print("\nSummary\n" + summary_markdown(rows, sea_ensemble(plan.config)), flush=True)
+    claim = claim_table(rows, plan.config.sea.eps)
+    if shows_claim(claim):
+        print("\nAggregated over seeds\n" + claim_markdown(claim, plan.config.sea.eps), flush=True)
     print(f"Open the MLflow UI on these runs:\n  mlflow ui --backend-store-uri {redact(plan.tracking_uri)}", flush=True)
     if scorer.failures:
         say(f"{len(scorer.failures)} of {trials} trial(s) failed; see the messages above and the runs' "

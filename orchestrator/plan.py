@@ -11,6 +11,7 @@ from typing import Any
 
 from data.shards import is_local
 from orchestrator.config import PROTOCOLS, Config, ConfigError, with_values
+from orchestrator.pretrain import resolve_backbone
 from orchestrator.redact import redact
 
 
@@ -97,7 +98,7 @@ def build_plan(config: Config, tracking_uri: str) -> Plan:
     names = [trial_name(i, overrides) for i, overrides in enumerate(trials)]
     for name, overrides in zip(names, trials, strict=True):
         try:
-            trial_configs.append(with_values(config, overrides))
+            trial_configs.append(resolve_backbone(with_values(config, overrides)))
         except ConfigError as exc:
             raise ConfigError(f"sweep trial {name}: {exc}") from None
     if config.sweep.epochs_mode == "checkpoints":

@@ -19,6 +19,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator.config import Config, to_dict, validate, with_values
 from orchestrator.plan import Plan
+from orchestrator.pretrain import resolve_backbone
 from orchestrator.train import build_trainer, checkpoint_uri, fit
 from trainables.pir_at import PROXY_METRIC
 
@@ -112,7 +113,7 @@ def run_trial(tune_config: dict[str, Any]) -> None:
     """A Tune trial: fit one TorchTrainer with this trial's config, then report its best checkpoint (and, with
     sweep.epochs_mode checkpoints, the checkpoints kept at the epochs its runs score)."""
     trial = tune_config["trial"]
-    config = with_values(validate(trial["base"]), trial["overrides"])
+    config = resolve_backbone(with_values(validate(trial["base"]), trial["overrides"]))
     keep = list(trial.get("keep_epochs") or [])
     started = time.time()
     trainer = build_trainer(

@@ -139,6 +139,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     trainer = _setup(loop_config, rank, world)
+    loaded = getattr(trainer.module, "init_report", {})  # what the backbone was initialised from, for the report
     node = _gather(ray.get_runtime_context().get_node_id(), world)
     resumed_from = _restore(trainer, loop_config, rank)
     select_shard = ray.train.get_dataset_shard("select")
@@ -173,6 +174,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             "worker_nodes": node,
             "placement_group": ray.get_runtime_context().get_placement_group_id() or "",
             "param_fingerprints": _gather(fingerprint(trainer.module), world),
+            "init": loaded.get("init", ""),
+            "init_uri": loaded.get("uri", ""),
+            "seed": train.seed,
             **stats.times.as_metrics(),
             **validation,
         }
