@@ -13,7 +13,7 @@ from typing import Any
 from orchestrator.config import PROTOCOLS, Config
 from orchestrator.scores import EXTRA_GROUP, SEA_GROUP, SEA_MIOU, SEA_MIOU_GREEDY
 
-SUMMARY_COLUMNS = ("trial_name", "status", "attack_steps", "eps", "epochs", "backbone", "init", "protocol")
+SUMMARY_COLUMNS = ("trial_name", "status", "attack_steps", "eps", "epochs", "backbone", "init", "seed", "protocol")
 
 
 _FINAL = ("clean_", "sea_", f"{EXTRA_GROUP}_", "defense_")

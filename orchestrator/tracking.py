@@ -50,6 +50,7 @@ SHORT_PARAMS = {
     "epochs": "train.epochs",
     "backbone": "model.backbone",
     "init": "model.init",
+    "seed": "train.seed",
     "dataset": "data.dataset",
     "decoder": "model.decoder",
     "protocol": "eval.protocol",
@@ -333,7 +334,9 @@ class SweepTracker:
         """Close the sweep: children still RUNNING end FINISHED when they have a result (clean_miou),
         else KILLED; writes `summary.csv`, `summary.md` and `sea_miou_per_trial.png` on the parent from
         the child runs in MLflow (a resumed sweep's earlier trials included); extra `rows` (keyed by
-        `trial_name`) add columns or trials; sets the parent's status. Returns the summary rows."""
+        `trial_name`) add columns or trials; with several inits, epochs or seeds also `claim.md`, `claim.csv`
+        and `sea_miou_vs_epochs.png` (`orchestrator.claim`); sets the parent's status. Returns the summary rows."""
+        from orchestrator.claim import log_claim
         from orchestrator.plots import sweep_curves
 
         for run in self._search(f"tags.{TAG_PARENT} = '{self.parent_run_id}'"):
@@ -357,6 +360,7 @@ class SweepTracker:
                       if k.startswith("sea_miou_eps")})
         if table:
             self.client.log_figure(self.parent_run_id, sweep_curves(table, eps), "sea_miou_per_trial.png")
+        log_claim(self.client, self.parent_run_id, table, eps)
         self.client.set_terminated(self.parent_run_id, status=status)
         print(f"tracking: sweep {redact(repr(self.config.sweep.name))} {status}: {len(table)} trial(s) in MLflow run "
               f"{self.parent_run_id}", flush=True)
