@@ -10,6 +10,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+# The tests' tiny config (the demo's previous colour-coded, randomly initialised setting): trains in seconds.
+TINY_CONFIG = REPO / "tests" / "tiny.yaml"
 
 
 @pytest.fixture

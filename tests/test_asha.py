@@ -9,6 +9,7 @@ import pytest
 
 from orchestrator.job import TAG_STOPPED
 
+from .conftest import TINY_CONFIG
 from .test_sweep import epochs_logged, mlflow_runs, sweep_command
 
 EPOCHS = 4
@@ -66,7 +67,7 @@ def test_asha_stops_a_trailing_trial_at_a_rung_but_never_at_the_last_epoch():
     from orchestrator.sweep import _scheduler
     from trainables.pir_at import PROXY_METRIC
 
-    plan = build_plan(load_config(overrides=[f"train.epochs={EPOCHS}", "sweep.scheduler=asha",
+    plan = build_plan(load_config(TINY_CONFIG, overrides=[f"train.epochs={EPOCHS}", "sweep.scheduler=asha",
                                              "sweep.params={train.lr: [0.01, 1.0e-9]}"]), "sqlite:///unused.db")
     asha = _scheduler(plan)
     first, second, worse = (SimpleNamespace(trial_id=name) for name in ("first", "second", "worse"))

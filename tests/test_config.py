@@ -93,11 +93,12 @@ def test_overrides_apply_and_grid_expands():
     config = load_config(REPO / "experiments/configs/demo.yaml", ["train.epochs=5", "sea.eps=[0.5, 4]"])
     assert config.train.epochs == 5 and config.sea.eps == [0.5, 4.0]
     trials = expand_trials(config)
-    steps, eps = config.sweep.params["train.attack.steps"], config.sweep.params["train.attack.eps"]
-    assert len(trials) == len(steps) * len(eps) == 4
-    assert {(t["train.attack.steps"], t["train.attack.eps"]) for t in trials} == {(s, e) for s in steps for e in eps}
+    steps, inits = config.sweep.params["train.attack.steps"], config.sweep.params["model.init"]
+    assert len(trials) == len(steps) * len(inits) == 4
+    assert {(t["train.attack.steps"], t["model.init"]) for t in trials} == {(s, i) for s in steps for i in inits}
     trial = with_values(config, trials[0])
     assert trial.train.attack.steps == trials[0]["train.attack.steps"]
+    assert trial.model.init == trials[0]["model.init"]
 
 
 def test_random_search_is_seeded():

@@ -13,7 +13,7 @@ from trainables.pir_at import use_sync_batchnorm
 
 from .conftest import REPO
 
-DEMO = REPO / "experiments" / "configs" / "demo.yaml"
+DEMO = REPO / "tests" / "tiny.yaml"
 COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "reduce", "all_gather_into_tensor", "reduce_scatter")
 
 

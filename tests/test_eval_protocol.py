@@ -36,7 +36,7 @@ from trainables.metrics import intersection_union, label_area
 
 pytestmark = pytest.mark.realpath
 
-DEMO = REPO / "experiments" / "configs" / "demo.yaml"
+DEMO = REPO / "tests" / "tiny.yaml"
 VOC_CLASSES = 21
 SEA = {"eps": [4.0], "iterations": 2, "losses": ["mce"], "seed": 0, "track": "ce"}
 

@@ -28,7 +28,7 @@ from trainables.metrics import intersection_union
 
 pytestmark = pytest.mark.realpath
 
-DEMO = REPO / "experiments" / "configs" / "demo.yaml"
+DEMO = REPO / "tests" / "tiny.yaml"
 CPU = torch.device("cpu")
 EPS = 4.0  # 1/255 units, as the config
 ALL = ["fgsm", "ifgsm", "least-likely"]

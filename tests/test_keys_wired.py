@@ -18,7 +18,7 @@ from orchestrator.config import ConfigError, load_config, resolve_paths, with_va
 from .conftest import REPO
 
 pytestmark = pytest.mark.realpath
-DEMO = REPO / "experiments" / "configs" / "demo.yaml"
+DEMO = REPO / "tests" / "tiny.yaml"
 
 
 @pytest.mark.parametrize("key", ["data.val_images", "train.val_images"])

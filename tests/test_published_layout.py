@@ -8,13 +8,13 @@ stage's output, the CvSt stem, UPerNet with pyramid pooling (1, 2, 3, 6), top-do
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from trainables.models import ModelWeightsError, ModelWeightsNotFound, build_model
+
+from .conftest import TINY_CONFIG
 
 pytestmark = [pytest.mark.realpath, pytest.mark.usefixtures("two_torch_threads")]
 
@@ -317,8 +317,7 @@ def test_pir_at_training_adds_the_auxiliary_loss_with_weight_0_4():
     from orchestrator.config import load_config
     from trainables.pir_at import PhaseClock, PirAt
 
-    config = load_config(Path(__file__).resolve().parent.parent / "experiments" / "configs" / "demo.yaml",
-                         ["train.attack.steps=0", "model.decoder_width=16"])
+    config = load_config(TINY_CONFIG, ["train.attack.steps=0", "model.decoder_width=16"])
     trainer = PirAt(config.train, config.model, 21, steps_per_epoch=4)
     model = trainer.module
     assert model.auxiliary_head is not None and model.aux_weight == 0.4

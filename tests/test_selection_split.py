@@ -12,7 +12,7 @@ from data.prepare import prepare_split, selection_ids
 from data.shards import iter_samples, read_manifest
 from orchestrator.config import load_config, resolve_paths, with_values
 
-from .conftest import REPO
+from .conftest import REPO, TINY_CONFIG
 
 pytestmark = pytest.mark.realpath
 
@@ -27,7 +27,7 @@ def job_data(tmp_path_factory):
     from orchestrator.data_stage import prepare_data
 
     base = tmp_path_factory.mktemp("selection")
-    config = with_values(resolve_paths(load_config(REPO / "experiments" / "configs" / "demo.yaml"), REPO), {
+    config = with_values(resolve_paths(load_config(TINY_CONFIG), REPO), {
         "data.shards": str(base / "shards"), "data.synthetic.train_images": 20, "data.synthetic.val_images": 6,
         "data.select_images": 5, "data.synthetic.height": 48, "data.synthetic.width": 64,
     })

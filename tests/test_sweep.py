@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import PYTHON, REPO, S3_ENV
+from .conftest import PYTHON, REPO, S3_ENV, TINY_CONFIG
 
 SCRIPT = REPO / "experiments" / "pir_at_sweep.py"
 
-# A sweep of two 1-2 epoch trials on 16 generated training images (plus 4 held out for selection): seconds per
-# trial, every stage exercised.
+# A sweep of two 1-2 epoch trials on 16 generated training images (plus 4 held out for selection) from a backbone
+# the pretrain stage makes in 2 steps: seconds per trial, every stage exercised.
 TINY = [
+    "pretrain.steps=2", "pretrain.batch_size=4", "pretrain.image_size=32",
     "data.synthetic.train_images=20", "data.select_images=4", "data.synthetic.val_images=8", "data.crop_size=64",
     "data.val_size=128", "train.batch_size=8", "train.epochs=1", "train.warmup_epochs=0",
     "train.proxy_iterations=2", "sweep.params={train.attack.steps: [0, 1]}",
@@ -98,7 +99,7 @@ def trained_checkpoint(tmp_path, demo_shards) -> tuple[object, str]:
     from orchestrator.config import load_config, resolve_paths, with_values
     from trainables.pir_at import CHECKPOINT_FILE, PirAt
 
-    config = with_values(resolve_paths(load_config(REPO / "experiments/configs/demo.yaml"), REPO), {
+    config = with_values(resolve_paths(load_config(TINY_CONFIG), REPO), {
         "data.shards": demo_shards, "sea.eps": [8], "sea.iterations": 40, "sea.images": 16, "sea.batch_size": 4,
         "sea.min_actors": 2, "sea.max_actors": 2,
     })

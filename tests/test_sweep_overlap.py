@@ -13,7 +13,9 @@ from orchestrator.job import TAG_STOPPED, TrialScorer, wall_split
 from orchestrator.sea_pool import ScoringCancelled, SeaOutcome
 from orchestrator.sweep import TrialOutcome
 
-CONFIG = with_values(load_config(), {"sea.eps": [4, 8]})
+from .conftest import TINY_CONFIG
+
+CONFIG = with_values(load_config(TINY_CONFIG), {"sea.eps": [4, 8]})
 SCORES = {"miou": 0.5, "aacc": 0.75, "macc": 0.5}
 
 

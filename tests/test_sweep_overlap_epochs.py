@@ -12,13 +12,14 @@ from orchestrator.job import TAG_CHECKPOINT_EPOCH, TAG_EPOCHS_MODE, TAG_TRAINED_
 from orchestrator.plan import build_plan, format_plan
 from orchestrator.sweep import KEPT_DIR, KeepEpochs, kept_checkpoints
 
+from .conftest import TINY_CONFIG
 from .test_sweep import epochs_logged, mlflow_runs, sweep_command
 
 PARAMS = {"train.epochs": [2, 4, 6], "train.attack.steps": [0, 2]}
 
 
 def plan_of(mode: str, **values):
-    config = with_values(load_config(), {"sweep.params": PARAMS, "sweep.epochs_mode": mode, **values})
+    config = with_values(load_config(TINY_CONFIG), {"sweep.params": PARAMS, "sweep.epochs_mode": mode, **values})
     return build_plan(config, "sqlite:///unused.db")
 
 

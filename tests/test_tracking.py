@@ -31,7 +31,7 @@ from orchestrator.tracking import (
 from .conftest import REPO
 from .mlflow_server import mlflow_server
 
-DEMO = REPO / "experiments" / "configs" / "demo.yaml"
+DEMO = REPO / "tests" / "tiny.yaml"
 SEA_EPS = (0.5, 4.0)
 LOSSES = ("mce-bal", "mce", "js")
 

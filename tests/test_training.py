@@ -18,7 +18,7 @@ from trainables.pir_at import CheckpointMismatch, read_state
 
 from .conftest import REPO
 
-DEMO = REPO / "experiments" / "configs" / "demo.yaml"
+DEMO = REPO / "tests" / "tiny.yaml"
 
 
 def demo_config(shards: str, storage: Path, **values):
