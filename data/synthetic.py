@@ -93,7 +93,7 @@ def _draw_object(rng: np.random.Generator, image: np.ndarray, cls: int, style: s
     height, width = image.shape[:2]
     mask = _shape_mask(rng, height, width, None if style == "colour" else (cls - 1) % 3)
     if mask.sum() < 0.01 * height * width:
-        return mask & False
+        return np.zeros_like(mask)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     stripes = _stripes(cls, yy, xx, max(min(height, width) / 240.0, 0.5), float(rng.uniform(0, 2 * math.pi)))
     if style == "colour":

@@ -11,7 +11,7 @@ from typing import Any
 
 from data.shards import is_local
 from orchestrator.config import PROTOCOLS, Config, ConfigError, with_values
-from orchestrator.pretrain import resolve_backbone
+from orchestrator.pretrain import needed, resolve_backbone
 from orchestrator.redact import redact
 
 
@@ -172,6 +172,20 @@ def sea_extras_text(config: Config) -> list[str]:
     return lines
 
 
+def pretrain_text(plan: Plan) -> list[str]:
+    """What the pretrain stage will do: the backbones the trials load, cached or to be trained."""
+    from data import shards
+
+    lines = []
+    for uri, config in needed(plan.trial_configs).items():
+        pre = config.pretrain
+        state = "cached" if shards.exists(uri) and shards.exists(uri + ".json") else "to train"
+        how = f"PGD {pre.eps:g}/255" if config.model.init == "pir" else "clean"
+        lines.append(f"Pretrain ({state}): {uri} ({how}, {pre.steps} steps of {pre.batch_size} generated "
+                     f"{pre.image_size}px objects of {pre.classes} classes) for init {config.model.init}")
+    return lines
+
+
 def format_plan(plan: Plan) -> str:
     """Human-readable plan: what --dry-run prints (redacted: it is a log line)."""
     cfg = plan.config
@@ -185,7 +199,7 @@ def format_plan(plan: Plan) -> str:
         scored = plan.runs_of(name)
         lines.append(
             f"  trial {i}: {name}  -> epochs={tc.train.epochs} attack.steps={a.steps} "
-            f"attack.eps={a.eps:g}/255 step_size={a.step_size:g}/255"
+            f"attack.eps={a.eps:g}/255 step_size={a.step_size:g}/255 init={tc.model.init} seed={tc.train.seed}"
             + (f"; scored at epochs {', '.join(str(r.epoch) for r in scored)} ({', '.join(r.name for r in scored)})"
                if scored else "")
         )
@@ -194,6 +208,7 @@ def format_plan(plan: Plan) -> str:
     lines += [
         f"Model: {m.decoder} on {m.backbone} (stem {m.stem}), init {m.init}"
         + (f" from {m.backbone_weights}" if m.backbone_weights else ""),
+        *pretrain_text(plan),
         f"Data: {cfg.data.dataset} ({cfg.data.num_classes} classes) train split {cfg.data.train_split!r}, "
         f"val {cfg.data.val_dataset}/{cfg.data.val_split!r}; crop {cfg.data.crop_size}, val size {cfg.data.val_size}",
         "Resources per trial:",

@@ -64,6 +64,8 @@ def needed(configs: list[Config]) -> dict[str, Config]:
 
 def _train_one(config_dict: dict, init: str, threads: int, device: str) -> dict:
     """Train, save and check one classifier (runs in a Ray task); returns its summary."""
+    import io
+
     import numpy as np
     import torch
 
@@ -90,8 +92,6 @@ def _train_one(config_dict: dict, init: str, threads: int, device: str) -> dict:
     result = train_classifier(model, sample, sample(256, np.random.default_rng([pre.seed, 2])), steps=pre.steps,
                               batch_size=pre.batch_size, eps=eps, attack_steps=pre.attack_steps,
                               eval_eps=to_unit(pre.eval_eps), lr=pre.lr, log=lambda line: say(f"{tag}: {line}"))
-    import io
-
     buffer = io.BytesIO()
     torch.save(layout_state(result.model.model, LAYOUT), buffer)
     uri = shards.join(pretrain_uri(config), FILES[init])

@@ -111,3 +111,43 @@ def test_pretrain_stage_trains_once_logs_to_mlflow_and_loads_through_the_pir_pat
         assert body and all(torch.equal(backbone[k], v) for k, v in body.items())
     robust, clean = (read_checkpoint(c.model.backbone_weights)["state_dict"] for c in configs)
     assert not torch.equal(robust["model.stem.0.weight"], clean["model.stem.0.weight"])
+
+
+@pytest.mark.slow
+def test_init_and_seed_sweeps_reach_the_workers_and_the_claim_is_logged(tmp_path, repo_env):
+    import csv
+    import json
+    import subprocess
+
+    from .test_sweep import mlflow_runs, sweep_command
+
+    storage, db = tmp_path / "ray_results", tmp_path / "mlruns.db"
+    proc = subprocess.run(sweep_command(f"data.shards={tmp_path}/shards", f"sweep.storage_path={storage}",
+                                        f"tracking.uri=sqlite:///{db}",
+                                        "sweep.params={model.init: [clean, pir], train.seed: [0, 1]}"),
+                          cwd=tmp_path, env=repo_env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "pretrain: training 2 backbone(s)" in proc.stderr and "Aggregated over seeds" in proc.stdout
+
+    reported = {}  # what each Ray Train worker says it trained from, per trial (its epochs.jsonl)
+    for log in (storage / "demo" / "trials").glob("*/*/epochs.jsonl"):
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        reported[log.parent.name] = {(row["init"], os.path.basename(row["init_uri"]), row["seed"]) for row in rows}
+    assert reported == {
+        "t00_init=clean_seed=0": {("clean", "clean.pt", 0)}, "t01_init=clean_seed=1": {("clean", "clean.pt", 1)},
+        "t02_init=pir_seed=0": {("pir", "robust.pt", 0)}, "t03_init=pir_seed=1": {("pir", "robust.pt", 1)},
+    }
+
+    client, parents, children = mlflow_runs(f"sqlite:///{db}")
+    assert {(c.data.params["init"], c.data.params["seed"]) for c in children} == {
+        ("clean", "0"), ("clean", "1"), ("pir", "0"), ("pir", "1")}
+    parent = parents[0].info.run_id
+    assert {"claim.md", "claim.csv", "sea_miou_vs_epochs.png"} <= {a.path for a in client.list_artifacts(parent)}
+    table = list(csv.DictReader(open(client.download_artifacts(parent, "claim.csv", str(tmp_path)))))
+    assert [(row["init"], row["seeds"]) for row in table] == [("clean", "2"), ("pir", "2")]
+    for row in table:
+        means = [float(c.data.metrics["sea_miou_eps8"]) for c in children if c.data.params["init"] == row["init"]]
+        assert float(row["sea_miou_eps8_mean"]) == pytest.approx(sum(means) / 2)
+    pretrain_runs = [r for r in client.search_runs([parents[0].info.experiment_id])
+                     if r.data.tags.get("pretrain_hash")]
+    assert len(pretrain_runs) == 1 and {"pir_pgd_accuracy", "clean_pgd_accuracy"} <= set(pretrain_runs[0].data.metrics)
