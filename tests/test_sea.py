@@ -179,7 +179,7 @@ def test_default_ensemble_is_the_reference_codes_four_losses_and_mce_bal_tracked
         assert worst["miou"] <= scores[name]["miou"]
     assert worst["miou"] <= min(worst["miou_greedy"], worst["miou_by_acc"])
     recipes = sorted((REPO_ROOT / "experiments" / "configs").glob("*.yaml"))
-    assert len(recipes) == 12  # 6 training recipes (demo included), 6 evaluation recipes (eval_*)
+    assert len(recipes) == 13  # 7 training configs (demo and pir_claim included), 6 evaluation recipes (eval_*)
     for path in recipes:  # the paper's recipes name the ensemble; the demo takes the default
         recipe = load_config(path).sea
         assert (recipe.losses, recipe.track) == (list(SEA_LOSSES), "ce"), path.name
