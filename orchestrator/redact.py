@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -59,6 +60,11 @@ def redact(value: Any, secrets: Iterable[str] | None = None) -> str:
             text = text.replace(secret, REDACTED)
     text = _USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
     return _SECRET_QUERY.sub(lambda m: f"{m.group('name')}{REDACTED}", text)
+
+
+def say(message: str) -> None:
+    """A progress line for the user, on stderr, with any credential in it redacted."""
+    print(redact(message), file=sys.stderr, flush=True)
 
 
 def redact_tree(tree: Any) -> Any:

@@ -15,7 +15,6 @@ from mlflow.entities import Metric, Param, RunTag
 
 from orchestrator import mlflow_auth
 from orchestrator.config import ConfigError, load_config, with_values
-from orchestrator.job import say
 from orchestrator.plan import build_plan, format_plan
 from orchestrator.redact import (
     REDACTED,
@@ -24,6 +23,7 @@ from orchestrator.redact import (
     is_secret_key,
     redact,
     redact_tree,
+    say,
 )
 from orchestrator.tracking import config_params
 
