@@ -11,6 +11,7 @@ complete folder returns at once.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -88,13 +89,21 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     return base[None, None, :] * (0.7 + 0.6 * texture[..., None])
 
 
+@functools.lru_cache(maxsize=16)
+def _grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column coordinates (float32 HxW, read-only), made once per image size."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    yy.flags.writeable = xx.flags.writeable = False
+    return yy, xx
+
+
 def _draw_object(rng: np.random.Generator, image: np.ndarray, cls: int, style: str) -> np.ndarray:
     """Paint one object of class `cls` into `image` (in place); returns its mask (tiny objects are not drawn)."""
     height, width = image.shape[:2]
     mask = _shape_mask(rng, height, width, None if style == "colour" else (cls - 1) % 3)
     if mask.sum() < 0.01 * height * width:
         return np.zeros_like(mask)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    yy, xx = _grid(height, width)
     stripes = _stripes(cls, yy, xx, max(min(height, width) / 240.0, 0.5), float(rng.uniform(0, 2 * math.pi)))
     if style == "colour":
         fill = (_class_colour(cls) * rng.uniform(0.85, 1.1))[None, None, :] * (1.0 + 0.3 * stripes[..., None])
