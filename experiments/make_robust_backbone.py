@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from data import shards  # noqa: E402
 from trainables.models.backbones import BACKBONES, family  # noqa: E402
 from trainables.models.stems import STEMS  # noqa: E402
 from trainables.pretrain import LAYOUTS, classifier, layout_state, train_classifier  # noqa: E402
@@ -53,20 +54,10 @@ def colour_discs(count: int, classes: int, size: int, generator: torch.Generator
 
 
 def save(obj, uri: str) -> None:
-    """torch.save to a local path or any smart_open URI (s3://, gs://, ...)."""
+    """torch.save to a local path, file://, s3:// or gs:// URI (locally through a temporary name)."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    if "://" in uri and not uri.startswith("file://"):
-        import smart_open
-
-        with smart_open.open(uri, "wb") as handle:
-            handle.write(buffer.getvalue())
-        return
-    path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buffer.getvalue())
-    tmp.replace(path)
+    shards.write_bytes(uri, buffer.getvalue())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -121,14 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         "image_size": args.image_size, "clean_accuracy": round(clean, 4), "pgd10_accuracy": round(robust, 4),
         "chance": round(1 / args.classes, 4), "seconds": round(result.seconds, 1),
     }
-    save_json = json.dumps(summary, indent=2)
-    if "://" in args.out and not args.out.startswith("file://"):
-        import smart_open
-
-        with smart_open.open(args.out + ".json", "w") as handle:
-            handle.write(save_json)
-    else:
-        Path(args.out.removeprefix("file://") + ".json").write_text(save_json + "\n")
+    shards.write_bytes(args.out + ".json", (json.dumps(summary, indent=2) + "\n").encode())
     print(f"saved {args.out} ({args.layout} layout); held-out clean accuracy {clean:.3f}, "
           f"PGD-10 accuracy at eps {args.eval_eps:g}/255 {robust:.3f} (chance {1 / args.classes:.3f})", flush=True)
     return summary
