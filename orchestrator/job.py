@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import math
 import queue
-import sys
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from orchestrator.plan import Plan, format_plan
-from orchestrator.redact import redact
+from orchestrator.redact import redact, say
 
 # Per-epoch metrics that go to MLflow (Tune adds its own bookkeeping keys, which are left out).
 EPOCH_METRICS = ("loss", "lr", "images_per_s", "epoch_s", "time_", "frac_", "select_")
@@ -28,9 +27,6 @@ TAG_TRAINED_BY, TAG_TRAINED_EPOCHS = "trained_by", "trained_epochs"
 CANCEL_WAIT_S = 30.0
 EXIT_INTERRUPTED = 130
 
-
-def say(message: str) -> None:
-    print(redact(message), file=sys.stderr, flush=True)
 
 
 class StageTimer:
@@ -205,12 +201,14 @@ def run_job(plan: Plan, resume: bool = False) -> int:
     """Run every stage of the plan; returns the process exit code."""
     timer = StageTimer()
     print(format_plan(plan), flush=True)
-    tracker, runs = _start(plan, timer, resume)
+    tracker, runs, backbones = _start(plan, timer, resume)
     scorer = TrialScorer(tracker, runs, {name: plan.runs_of(name) for name in plan.names})
     try:
-        outcomes = _train(plan, timer, scorer, runs, resume)
+        outcomes = _train(plan, timer, scorer, runs, resume, backbones)
         if outcomes is None:
             return _interrupted(plan, timer, scorer)
+        if backbones is not None:
+            _pretrain_logged(backbones, tracker)
         with timer.stage("sea"):  # what SEA has left once the last trial has ended (all of it without overlap)
             for outcome in outcomes:
                 if outcome.error or outcome.finished or outcome.stopped_early:
@@ -222,11 +220,21 @@ def run_job(plan: Plan, resume: bool = False) -> int:
     return _close(plan, tracker, timer, scorer, len(outcomes))
 
 
+def _pretrain_logged(backbones, tracker) -> None:
+    """The pretrain stage's MLflow run, once every backbone task has ended; a backbone that could not be made is
+    said here (the trials that load it failed with its error)."""
+    try:
+        backbones.finish(tracker)
+    except RuntimeError as exc:
+        say(str(exc))
+
+
 def _start(plan: Plan, timer: StageTimer, resume: bool):
-    """Data and Ray stages, then the sweep's MLflow runs (a resumed job reuses them); returns (tracker, runs)."""
+    """Data and Ray stages, the pretrain tasks started (generated data only), then the sweep's MLflow runs (a
+    resumed job reuses them); returns (tracker, runs, backbones or None)."""
     from orchestrator.cluster import connect
     from orchestrator.data_stage import prepare_data
-    from orchestrator.pretrain import ensure_backbones, needed
+    from orchestrator.pretrain import needed, start_backbones
     from orchestrator.tracking import SweepTracker
 
     with timer.stage("data"):
@@ -234,16 +242,17 @@ def _start(plan: Plan, timer: StageTimer, resume: bool):
     with timer.stage("ray"):
         say(connect(plan.config))
     tracker = SweepTracker(plan.tracking_uri, plan.config, resume=resume)
+    backbones = None
     if needed(plan.trial_configs):
-        with timer.stage("pretrain"):
-            ensure_backbones(plan.trial_configs, tracker)
+        with timer.stage("pretrain"):  # starting (or reusing) them; their training runs beside the sweep
+            backbones = start_backbones(plan.trial_configs)
     mode = plan.config.sweep.epochs_mode
     if not plan.checkpoint_runs:
         runs = {name: tracker.trial_run(name, trial_config, overrides)
                 for name, trial_config, overrides in zip(plan.names, plan.trial_configs, plan.trials, strict=True)}
         for run_id in runs.values():
             tracker.client.set_tag(run_id, TAG_EPOCHS_MODE, mode)
-        return tracker, runs
+        return tracker, runs, backbones
     runs = {}
     for run in plan.checkpoint_runs:
         runs[run.name] = tracker.trial_run(run.name, run.config, run.overrides)
@@ -251,10 +260,10 @@ def _start(plan: Plan, timer: StageTimer, resume: bool):
         for key, value in ((TAG_EPOCHS_MODE, mode), (TAG_CHECKPOINT_EPOCH, run.epoch), (TAG_TRAINED_BY, run.trial),
                            (TAG_TRAINED_EPOCHS, trained)):
             tracker.client.set_tag(runs[run.name], key, str(value))
-    return tracker, runs
+    return tracker, runs, backbones
 
 
-def _train(plan: Plan, timer: StageTimer, scorer: TrialScorer, runs: dict[str, str], resume: bool):
+def _train(plan: Plan, timer: StageTimer, scorer: TrialScorer, runs: dict[str, str], resume: bool, backbones=None):
     """The Tune sweep; with `sea.overlap` each trial goes to the scorer the moment Tune ends it, so SEA runs beside
     the next trials' training. Returns the trials' outcomes, or None when the sweep was interrupted."""
     from orchestrator.sweep import EpochsToMlflow, TrialOutcome, on_trial_end, run_sweep
@@ -266,12 +275,13 @@ def _train(plan: Plan, timer: StageTimer, scorer: TrialScorer, runs: dict[str, s
         scorer.hand(TrialOutcome(name, overrides, config, result, None, ended=True))
 
     callbacks = [EpochsToMlflow(plan.tracking_uri, runs, keep=epoch_metrics)]
+    refs = backbones.refs() if backbones is not None else {}
     with timer.stage("train"):
         if plan.config.sea.overlap:
             with on_trial_end(ended):
-                outcomes = run_sweep(plan, resume=resume, callbacks=callbacks)
+                outcomes = run_sweep(plan, resume=resume, callbacks=callbacks, backbones=refs)
         else:
-            outcomes = run_sweep(plan, resume=resume, callbacks=callbacks)
+            outcomes = run_sweep(plan, resume=resume, callbacks=callbacks, backbones=refs)
     if any(not o.finished and not o.error and not o.stopped_early for o in outcomes):
         return None  # Tune stops on SIGINT after saving its state
     return outcomes

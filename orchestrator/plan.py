@@ -91,6 +91,11 @@ def check_paths(config: Config) -> list[str]:
     return warnings
 
 
+def trial_config(base: Config, overrides: dict[str, Any]) -> Config:
+    """One trial's config: the sweep's values set on the base, and the backbone file its init loads named."""
+    return resolve_backbone(with_values(base, overrides))
+
+
 def build_plan(config: Config, tracking_uri: str) -> Plan:
     """Expand and validate every trial; a trial whose overrides make an invalid config is a ConfigError."""
     trials = expand_trials(config)
@@ -98,7 +103,7 @@ def build_plan(config: Config, tracking_uri: str) -> Plan:
     names = [trial_name(i, overrides) for i, overrides in enumerate(trials)]
     for name, overrides in zip(names, trials, strict=True):
         try:
-            trial_configs.append(resolve_backbone(with_values(config, overrides)))
+            trial_configs.append(trial_config(config, overrides))
         except ConfigError as exc:
             raise ConfigError(f"sweep trial {name}: {exc}") from None
     if config.sweep.epochs_mode == "checkpoints":
@@ -180,9 +185,11 @@ def pretrain_text(plan: Plan) -> list[str]:
     for uri, config in needed(plan.trial_configs).items():
         pre = config.pretrain
         state = "cached" if shards.exists(uri) and shards.exists(uri + ".json") else "to train"
-        how = f"PGD {pre.eps:g}/255" if config.model.init == "pir" else "clean"
+        how = f"{pre.attack_steps}-step PGD {pre.eps:g}/255" if config.model.init == "pir" else "clean"
         lines.append(f"Pretrain ({state}): {uri} ({how}, {pre.steps} steps of {pre.batch_size} generated "
                      f"{pre.image_size}px objects of {pre.classes} classes) for init {config.model.init}")
+    if lines:
+        lines.append("Pretrain runs beside the sweep: a trial starts training once its init's backbone is written")
     return lines
 
 

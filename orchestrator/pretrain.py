@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
+import threading
 from typing import Any
 
 from data import shards
 from orchestrator.config import Config
-from orchestrator.redact import redact
+from orchestrator.redact import redact, say
 
 # Bump when the pretraining's arithmetic changes, so that earlier cached backbones are not reused.
 VERSION = 1
@@ -19,9 +19,6 @@ FILES = {"pir": "robust.pt", "clean": "clean.pt"}
 RUN_TAG = "pretrain_hash"
 LAYOUT = "normalize"
 
-
-def say(message: str) -> None:
-    print(redact(message), file=sys.stderr, flush=True)
 
 
 def settings(config: Config) -> dict[str, Any]:
@@ -104,9 +101,62 @@ def _train_one(config_dict: dict, init: str, threads: int, device: str) -> dict:
     return summary
 
 
-def ensure_backbones(configs: list[Config], tracker) -> list[dict]:
-    """Make every pretrain checkpoint these trial configs load (those cached from an earlier run are reused and
-    said so), in parallel Ray tasks; log each set's scores as an MLflow run. Returns the summaries."""
+class Backbones:
+    """The pretrain checkpoints of a job: those reused from the cache, and those being trained as Ray tasks.
+    Trials wait for their own backbone (`refs`), so trials of one init train while the other's is still made."""
+
+    def __init__(self, summaries: list[dict], pending: dict[str, Any]):
+        self.summaries = list(summaries)
+        self.pending = dict(pending)  # uri -> ObjectRef of the task writing it
+        self.failures: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._watcher = threading.Thread(target=self._watch, name="pretrain-watcher", daemon=True)
+        if self.pending:
+            self._watcher.start()
+
+    def refs(self) -> dict[str, Any]:
+        """Backbone URI -> the Ray task writing it (what a trial waits on before it trains)."""
+        return dict(self.pending)
+
+    def _watch(self) -> None:
+        """Say each backbone's scores the moment its task ends (the job goes on with the trials meanwhile)."""
+        import ray
+
+        waiting = list(self.pending.items())
+        while waiting:
+            ready, _ = ray.wait([ref for _, ref in waiting], num_returns=1)
+            for uri, ref in [item for item in waiting if item[1] in ready]:
+                waiting.remove((uri, ref))
+                try:
+                    summary = ray.get(ref)
+                except Exception as exc:  # the trials that wait on it fail with the same error
+                    message = str(exc).strip().splitlines()[-1][:500] if str(exc).strip() else repr(exc)
+                    say(f"pretrain: {uri} failed: {message}")
+                    with self._lock:
+                        self.failures[uri] = message
+                    continue
+                say(f"pretrain: wrote {summary['uri']} in {summary['seconds']:.0f}s: clean accuracy "
+                    f"{summary['clean_accuracy']:.3f}, PGD-10 accuracy at {summary['eval_eps_255']:g}/255 "
+                    f"{summary['pgd_accuracy']:.3f} (chance {summary['chance']:.3f})")
+                with self._lock:
+                    self.summaries.append(summary)
+
+    def finish(self, tracker) -> list[dict]:
+        """Wait for every task, log each settings' scores as an MLflow run; returns the summaries. Raises when a
+        backbone could not be made (after logging the others)."""
+        if self._watcher.ident is not None:  # started: some backbones were being trained
+            self._watcher.join()
+        for key, group in _by_key(self.summaries).items():
+            _log_run(tracker, key, group)
+        if self.failures:
+            raise RuntimeError("pretrain: " + "; ".join(f"{uri}: {m}" for uri, m in self.failures.items()))
+        return self.summaries
+
+
+def start_backbones(configs: list[Config]) -> Backbones:
+    """Start a Ray task for every pretrain checkpoint these trial configs load that is not cached yet (a cached
+    one is reused, and said so). Each task reserves what a training worker does (cluster.cpus_per_worker), so a
+    trial whose backbone is ready trains beside the other's pretraining."""
     import ray
 
     todo, summaries = [], []
@@ -118,21 +168,22 @@ def ensure_backbones(configs: list[Config], tracker) -> list[dict]:
             summaries.append(summary)
         else:
             todo.append((uri, config))
+    pending = {}
     if todo:
         cluster = todo[0][1].cluster
         threads = max(1, int(cluster.cpus_per_worker))
         device = "cuda" if cluster.gpus_per_worker > 0 else "cpu"
-        task = ray.remote(num_cpus=max(1.0, cluster.cpus_per_worker), num_gpus=cluster.gpus_per_worker)(_train_one)
-        say(f"pretrain: training {len(todo)} backbone(s) ({', '.join(u for u, _ in todo)}) as Ray tasks")
-        refs = [task.remote(config.model_dump(mode="json"), config.model.init, threads, device) for _, config in todo]
-        for summary in ray.get(refs):
-            say(f"pretrain: wrote {summary['uri']} in {summary['seconds']:.0f}s: clean accuracy "
-                f"{summary['clean_accuracy']:.3f}, PGD-10 accuracy at {summary['eval_eps_255']:g}/255 "
-                f"{summary['pgd_accuracy']:.3f} (chance {summary['chance']:.3f})")
-            summaries.append(summary)
-    for key, group in _by_key(summaries).items():
-        _log_run(tracker, key, group)
-    return summaries
+        task = ray.remote(num_cpus=cluster.cpus_per_worker, num_gpus=cluster.gpus_per_worker)(_train_one)
+        say(f"pretrain: training {len(todo)} backbone(s) ({', '.join(u for u, _ in todo)}) as Ray tasks; "
+            "each trial starts training once its init's backbone is written")
+        pending = {uri: task.remote(config.model_dump(mode="json"), config.model.init, threads, device)
+                   for uri, config in todo}
+    return Backbones(summaries, pending)
+
+
+def ensure_backbones(configs: list[Config], tracker) -> list[dict]:
+    """Make every pretrain checkpoint these trial configs load and wait for them; log their scores to MLflow."""
+    return start_backbones(configs).finish(tracker)
 
 
 def _by_key(summaries: list[dict]) -> dict[str, list[dict]]:

@@ -17,9 +17,8 @@ from ray import tune
 from ray.train.v2.api.callback import UserCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from orchestrator.config import Config, to_dict, validate, with_values
-from orchestrator.plan import Plan
-from orchestrator.pretrain import resolve_backbone
+from orchestrator.config import Config, to_dict, validate
+from orchestrator.plan import Plan, trial_config
 from orchestrator.train import build_trainer, checkpoint_uri, fit
 from trainables.pir_at import PROXY_METRIC
 
@@ -109,11 +108,18 @@ def kept_checkpoints(final: Any, epochs: list[int]) -> dict[int, str]:
     return found
 
 
-def run_trial(tune_config: dict[str, Any]) -> None:
+def run_trial(tune_config: dict[str, Any], backbones: dict[str, Any] | None = None) -> None:
     """A Tune trial: fit one TorchTrainer with this trial's config, then report its best checkpoint (and, with
-    sweep.epochs_mode checkpoints, the checkpoints kept at the epochs its runs score)."""
+    sweep.epochs_mode checkpoints, the checkpoints kept at the epochs its runs score). `backbones` maps the
+    pretrain checkpoints still being made to their Ray tasks: the trial waits for its own first."""
     trial = tune_config["trial"]
-    config = resolve_backbone(with_values(validate(trial["base"]), trial["overrides"]))
+    config = trial_config(validate(trial["base"]), trial["overrides"])
+    pending = (backbones or {}).get(config.model.backbone_weights)
+    if pending is not None:
+        waited = time.time()
+        ray.get(pending)  # a failed pretraining fails this trial with its error
+        print(f"trial {trial['name']}: backbone {config.model.backbone_weights} ready "
+              f"(waited {time.time() - waited:.0f}s)", flush=True)
     keep = list(trial.get("keep_epochs") or [])
     started = time.time()
     trainer = build_trainer(
@@ -276,7 +282,7 @@ def _scheduler(plan: Plan):
     )
 
 
-def _tuner(plan: Plan, callbacks: list[tune.Callback], resume: bool) -> tune.Tuner:
+def _tuner(plan: Plan, callbacks: list[tune.Callback], resume: bool, backbones: dict[str, Any]) -> tune.Tuner:
     config = plan.config
     # On Ctrl+C Tune asks running trials to stop, but a trial blocked in TorchTrainer.fit() only notices at
     # its end; Tune's default wait before it removes such a trial is 600 s.
@@ -284,7 +290,8 @@ def _tuner(plan: Plan, callbacks: list[tune.Callback], resume: bool) -> tune.Tun
     # The trial function only drives its TorchTrainer, whose workers reserve their own CPUs and GPUs. Even a
     # fraction of a CPU here would leave less than a whole one for a data task and stall the pipeline on a
     # small machine, so the trial reserves a little memory instead (Tune needs a non-empty request).
-    trainable = tune.with_resources(run_trial, tune.PlacementGroupFactory([{"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}]))
+    trainable = tune.with_resources(tune.with_parameters(run_trial, backbones=backbones),
+                                    tune.PlacementGroupFactory([{"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}]))
     path = sweep_path(config)
     if resume:
         if not tune.Tuner.can_restore(path):
@@ -320,12 +327,14 @@ def _ended_before(config: Config) -> list[str]:
     return [t.config["trial"]["name"] for t in ExperimentAnalysis(path).trials if t.status == "TERMINATED"]
 
 
-def run_sweep(plan: Plan, *, resume: bool = False, callbacks: list[tune.Callback] = ()) -> list[TrialOutcome]:
+def run_sweep(plan: Plan, *, resume: bool = False, callbacks: list[tune.Callback] = (),
+              backbones: dict[str, Any] | None = None) -> list[TrialOutcome]:
     """Run (or resume) every trial of the plan; returns each trial's final metrics or error. Trials ended by Tune
-    are handed to the `on_trial_end` listeners as they end (the callback `TrialsEnded` is added here)."""
+    are handed to the `on_trial_end` listeners as they end (the callback `TrialsEnded` is added here).
+    `backbones`: pretrain checkpoint URI -> the Ray task making it, which the trials loading it wait for."""
     ended: set[str] = set(_ended_before(plan.config) if resume else ())
     with on_trial_end(lambda name, result: ended.add(name)):
-        results = _tuner(plan, [*callbacks, TrialsEnded(), ReleaseStoppedTrials()], resume).fit()
+        results = _tuner(plan, [*callbacks, TrialsEnded(), ReleaseStoppedTrials()], resume, backbones or {}).fit()
     by_name = {n: (o, c) for n, o, c in zip(plan.names, plan.trials, plan.trial_configs, strict=True)}
     outcomes = []
     for result in results:

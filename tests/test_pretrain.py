@@ -151,3 +151,41 @@ def test_init_and_seed_sweeps_reach_the_workers_and_the_claim_is_logged(tmp_path
     pretrain_runs = [r for r in client.search_runs([parents[0].info.experiment_id])
                      if r.data.tags.get("pretrain_hash")]
     assert len(pretrain_runs) == 1 and {"pir_pgd_accuracy", "clean_pgd_accuracy"} <= set(pretrain_runs[0].data.metrics)
+
+
+def test_a_failed_pretraining_fails_the_trials_that_wait_on_it_and_is_named(tmp_path, ray_session, capfd,
+                                                                             monkeypatch):
+    """The trials start while the backbones are made: each waits on its own task; a task's error reaches the
+    trials loading that backbone and the job's log, and the other backbone is still logged to MLflow."""
+    import ray
+
+    import orchestrator.pretrain as pretrain
+    from orchestrator.sweep import run_trial
+    from orchestrator.tracking import SweepTracker
+
+    settings = pretrain.settings(demo(tmp_path))
+
+    def fake_train_one(config_dict, init, threads, device):  # a Ray task: captures plain values only
+        if init == "pir":
+            raise ValueError("robust pretraining diverged (made up)")
+        return {"init": init, "uri": f"{config_dict['sweep']['storage_path']}/made-up/clean.pt", "eps_255": 0.0,
+                "eval_eps_255": 4.0, "clean_accuracy": 0.9, "pgd_accuracy": 0.1, "chance": 0.125, "seconds": 1.0,
+                "key": "abc123abc123", "settings": settings}
+
+    monkeypatch.setattr(pretrain, "_train_one", fake_train_one)
+    configs = [resolve_backbone(demo(tmp_path, **{"model.init": init, "tracking.uri": f"sqlite:///{tmp_path}/m.db"}))
+               for init in ("pir", "clean")]
+    tracker = SweepTracker(configs[0].tracking.uri, configs[0])
+    backbones = pretrain.start_backbones(configs)
+    refs = backbones.refs()
+    assert set(refs) == {c.model.backbone_weights for c in configs}
+    pir_uri = configs[0].model.backbone_weights
+    trial = {"base": configs[0].model_dump(mode="json"), "overrides": {}, "name": "t00_init=pir", "run": "r"}
+    with pytest.raises(ray.exceptions.RayTaskError, match="robust pretraining diverged"):
+        run_trial({"trial": trial}, backbones=refs)  # waits on its backbone's task, fails with its error
+    with pytest.raises(RuntimeError, match=f"pretrain: {pir_uri}: .*robust pretraining diverged"):
+        backbones.finish(tracker)
+    err = capfd.readouterr().err
+    assert f"pretrain: {pir_uri} failed: " in err and "pretrain: wrote " in err
+    runs = tracker.client.search_runs([tracker.experiment_id], filter_string="tags.pretrain_hash = 'abc123abc123'")
+    assert len(runs) == 1 and runs[0].data.metrics["clean_clean_accuracy"] == pytest.approx(0.9)
