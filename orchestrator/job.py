@@ -1,6 +1,6 @@
-"""The main job's stages in order: data, Ray, backbone pretraining (generated data only), sweep (train, with SEA
-scoring each trial as it ends), the SEA left after training, MLflow summary; times each stage and splits the
-sweep's wall time into training, SEA and idle."""
+"""The main job's stages in order: data, Ray, backbone pretraining started (generated data only; it runs beside the
+sweep, each trial waiting for its own backbone), sweep (train, with SEA scoring each trial as it ends), the SEA left
+after training, MLflow summary; times each stage and splits the sweep's wall time into training, SEA and idle."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The job's pretrain stage: the robust (init: pir) and clean (init: clean) backbones that generated data needs in
-place of the published ImageNet ones, trained once as Ray tasks, cached under the storage path by a hash of their
-settings, and logged as an MLflow run of their own."""
+place of the published ImageNet ones, trained once as Ray tasks beside the sweep (a trial waits for its own init's
+backbone only), cached under the storage path by a hash of their settings, and logged as an MLflow run of their own."""
 
 from __future__ import annotations
 
