@@ -28,7 +28,6 @@ CANCEL_WAIT_S = 30.0
 EXIT_INTERRUPTED = 130
 
 
-
 class StageTimer:
     """Wall-clock seconds per stage, printed as each stage ends and summarised at the end."""
 

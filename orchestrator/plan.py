@@ -11,7 +11,7 @@ from typing import Any
 
 from data.shards import is_local
 from orchestrator.config import PROTOCOLS, Config, ConfigError, with_values
-from orchestrator.pretrain import needed, resolve_backbone
+from orchestrator.pretrain import is_cached, needed, resolve_backbone
 from orchestrator.redact import redact
 
 
@@ -179,12 +179,10 @@ def sea_extras_text(config: Config) -> list[str]:
 
 def pretrain_text(plan: Plan) -> list[str]:
     """What the pretrain stage will do: the backbones the trials load, cached or to be trained."""
-    from data import shards
-
     lines = []
     for uri, config in needed(plan.trial_configs).items():
         pre = config.pretrain
-        state = "cached" if shards.exists(uri) and shards.exists(uri + ".json") else "to train"
+        state = "cached" if is_cached(uri) else "to train"
         how = f"{pre.attack_steps}-step PGD {pre.eps:g}/255" if config.model.init == "pir" else "clean"
         lines.append(f"Pretrain ({state}): {uri} ({how}, {pre.steps} steps of {pre.batch_size} generated "
                      f"{pre.image_size}px objects of {pre.classes} classes) for init {config.model.init}")

@@ -20,7 +20,6 @@ RUN_TAG = "pretrain_hash"
 LAYOUT = "normalize"
 
 
-
 def settings(config: Config) -> dict[str, Any]:
     """Everything the pretrained weights depend on."""
     return {"version": VERSION, "pretrain": config.pretrain.model_dump(), "backbone": config.model.backbone,
@@ -45,6 +44,11 @@ def resolve_backbone(config: Config) -> Config:
     if uri is None and config.pretrain is not None:
         uri = shards.join(pretrain_uri(config), FILES[model.init])
     return config.model_copy(update={"model": model.model_copy(update={"backbone_weights": uri})})
+
+
+def is_cached(uri: str) -> bool:
+    """A pretrain checkpoint written whole: its summary is written after it, so the summary marks it complete."""
+    return shards.exists(uri) and shards.exists(uri + ".json")
 
 
 def needed(configs: list[Config]) -> dict[str, Config]:
@@ -108,8 +112,7 @@ class Backbones:
     def __init__(self, summaries: list[dict], pending: dict[str, Any]):
         self.summaries = list(summaries)
         self.pending = dict(pending)  # uri -> ObjectRef of the task writing it
-        self.failures: dict[str, str] = {}
-        self._lock = threading.Lock()
+        self.failures: dict[str, str] = {}  # both filled by the watcher, read after it has ended
         self._watcher = threading.Thread(target=self._watch, name="pretrain-watcher", daemon=True)
         if self.pending:
             self._watcher.start()
@@ -122,24 +125,20 @@ class Backbones:
         """Say each backbone's scores the moment its task ends (the job goes on with the trials meanwhile)."""
         import ray
 
-        waiting = list(self.pending.items())
-        while waiting:
-            ready, _ = ray.wait([ref for _, ref in waiting], num_returns=1)
-            for uri, ref in [item for item in waiting if item[1] in ready]:
-                waiting.remove((uri, ref))
-                try:
-                    summary = ray.get(ref)
-                except Exception as exc:  # the trials that wait on it fail with the same error
-                    message = str(exc).strip().splitlines()[-1][:500] if str(exc).strip() else repr(exc)
-                    say(f"pretrain: {uri} failed: {message}")
-                    with self._lock:
-                        self.failures[uri] = message
-                    continue
-                say(f"pretrain: wrote {summary['uri']} in {summary['seconds']:.0f}s: clean accuracy "
-                    f"{summary['clean_accuracy']:.3f}, PGD-10 accuracy at {summary['eval_eps_255']:g}/255 "
-                    f"{summary['pgd_accuracy']:.3f} (chance {summary['chance']:.3f})")
-                with self._lock:
-                    self.summaries.append(summary)
+        uris = {ref: uri for uri, ref in self.pending.items()}
+        while uris:
+            (ref,), _ = ray.wait(list(uris), num_returns=1)
+            uri = uris.pop(ref)
+            try:
+                summary = ray.get(ref)
+            except Exception as exc:  # the trials that wait on it fail with the same error
+                self.failures[uri] = str(exc).strip().splitlines()[-1][:500] if str(exc).strip() else repr(exc)
+                say(f"pretrain: {uri} failed: {self.failures[uri]}")
+                continue
+            say(f"pretrain: wrote {summary['uri']} in {summary['seconds']:.0f}s: clean accuracy "
+                f"{summary['clean_accuracy']:.3f}, PGD-10 accuracy at {summary['eval_eps_255']:g}/255 "
+                f"{summary['pgd_accuracy']:.3f} (chance {summary['chance']:.3f})")
+            self.summaries.append(summary)
 
     def finish(self, tracker) -> list[dict]:
         """Wait for every task, log each settings' scores as an MLflow run; returns the summaries. Raises when a
@@ -161,7 +160,7 @@ def start_backbones(configs: list[Config]) -> Backbones:
 
     todo, summaries = [], []
     for uri, config in needed(configs).items():
-        if shards.exists(uri) and shards.exists(uri + ".json"):
+        if is_cached(uri):
             summary = json.loads(shards.read_bytes(uri + ".json"))
             say(f"pretrain: reusing {uri} (cached; settings hash {pretrain_key(config)}): clean accuracy "
                 f"{summary['clean_accuracy']:.3f}, PGD-10 accuracy {summary['pgd_accuracy']:.3f}")
