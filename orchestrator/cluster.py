@@ -9,6 +9,8 @@ import ray.data
 
 from orchestrator.config import REPO_ROOT, Config
 
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
 
 def quiet_data() -> None:
     """Turn off Ray Data's live progress bars in this process (datasets made here carry the setting):
@@ -27,10 +29,16 @@ def connect(config: Config) -> str:
         ray.init(address=address, log_to_driver=True)
         where = f"joined the Ray cluster at {address}"
     else:
-        # A local Ray: workers import this checkout, whatever their working directory.
+        # A local Ray: workers import this checkout, whatever their working directory. Its one node goes when
+        # this process goes, so Ray Train's preemption watcher (an actor per trial, draining workers of a node
+        # about to be reclaimed) has nothing to watch. The dashboard serves the state API, which Ray Train's
+        # placement group cleaner queries every second (and warns each time it cannot).
         path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}}, log_to_driver=True)
+        env = {"PYTHONPATH": path, PREEMPTION_WATCHER: "0"}
+        context = ray.init(include_dashboard=True, runtime_env={"env_vars": env}, log_to_driver=True)
         where = "started a local Ray"
+        if context.dashboard_url:
+            where += f" (dashboard http://{context.dashboard_url})"
     quiet_data()
     resources = ray.cluster_resources()
     return f"{where}: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs"

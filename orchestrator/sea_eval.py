@@ -64,7 +64,7 @@ class EvalPlan:
 def resolve_weights(config: Config, tracking_uri: str) -> str:
     """The checkpoint file behind model.weights: a file or URI as it is, a checkpoint folder's state.pt, or the
     `checkpoint_uri` tag of an MLflow run (a trial of this project) given as `runs:/<id>` or a bare run id."""
-    from trainables.pir_at import CHECKPOINT_FILE
+    from trainables.report_keys import CHECKPOINT_FILE
 
     weights = config.model.weights
     if not weights:

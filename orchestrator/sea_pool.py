@@ -125,7 +125,8 @@ class SeaScorer:
 
         from orchestrator.config import ModelConfig
         from trainables.models import build_from_config
-        from trainables.pir_at import CHECKPOINT_FILE, load_model_state, read_state
+        from trainables.pir_at import load_model_state, read_state
+        from trainables.report_keys import CHECKPOINT_FILE
 
         torch.set_num_threads(max(1, threads))
         self.torch = torch

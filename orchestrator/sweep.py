@@ -20,7 +20,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from orchestrator.config import Config, to_dict, validate
 from orchestrator.plan import Plan, trial_config
 from orchestrator.train import build_trainer, checkpoint_uri, fit
-from trainables.pir_at import PROXY_METRIC
+from trainables.report_keys import PROXY_METRIC
 
 TRIALS_DIR = "trials"
 KEPT_DIR = "kept"  # a run's checkpoints kept for sweep.epochs_mode checkpoints, beside Ray Train's epoch_NNNN
@@ -309,6 +309,9 @@ def _tuner(plan: Plan, callbacks: list[tune.Callback], resume: bool, backbones: 
         tune_config=tune.TuneConfig(
             scheduler=_scheduler(plan), max_concurrent_trials=config.sweep.max_concurrent_trials,
             trial_name_creator=lambda t: t.config["trial"]["name"],
+            # The next trial runs in the process of the last one (its imports done) unless a scheduler may stop a
+            # trial mid-fit: Tune would keep that process for reuse while its trainer still runs.
+            reuse_actors=config.sweep.scheduler == "fifo",
             trial_dirname_creator=lambda t: t.config["trial"]["name"],
         ),
         run_config=tune.RunConfig(name=config.sweep.name, storage_path=_absolute(config.sweep.storage_path),

@@ -16,8 +16,7 @@ from data import shards
 from data.pipeline import ingest_config, load_train_rows, val_dataset
 from orchestrator.cluster import quiet_data
 from orchestrator.config import Config
-from orchestrator.worker import train_loop_per_worker
-from trainables.pir_at import RANK_METRIC
+from trainables.report_keys import RANK_METRIC
 
 EPOCH_LOG = "epochs.jsonl"
 
@@ -128,6 +127,10 @@ def build_trainer(
         failure_config=FailureConfig(max_failures=config.cluster.max_failures),
         callbacks=[EpochLog(f"{storage_path.rstrip('/')}/{name}"), *callbacks],
     )
+    # Imported here: the worker's module pulls in the models (timm, torchvision), which this module's other users
+    # (the Tune trial process, the Train controller that unpickles EpochLog) would otherwise import for nothing.
+    from orchestrator.worker import train_loop_per_worker
+
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

@@ -23,9 +23,6 @@ from data.epoch_order import worker_positions
 from data.pipeline import train_collate, train_dataset, val_collate
 from orchestrator.config import Config
 from trainables.pir_at import (
-    CHECKPOINT_FILE,
-    PROXY_METRIC,
-    RANK_METRIC,
     PirAt,
     TrainingDiverged,
     epoch_seed,
@@ -34,6 +31,7 @@ from trainables.pir_at import (
     seed_everything,
     use_sync_batchnorm,
 )
+from trainables.report_keys import CHECKPOINT_FILE, PROXY_METRIC, RANK_METRIC
 
 
 def _gather(value: str, world_size: int) -> str:

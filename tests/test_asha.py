@@ -65,7 +65,7 @@ def test_asha_stops_a_trailing_trial_at_a_rung_but_never_at_the_last_epoch():
     from orchestrator.config import load_config
     from orchestrator.plan import build_plan
     from orchestrator.sweep import _scheduler
-    from trainables.pir_at import PROXY_METRIC
+    from trainables.report_keys import PROXY_METRIC
 
     plan = build_plan(load_config(TINY_CONFIG, overrides=[f"train.epochs={EPOCHS}", "sweep.scheduler=asha",
                                              "sweep.params={train.lr: [0.01, 1.0e-9]}"]), "sqlite:///unused.db")

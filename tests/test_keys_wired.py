@@ -72,7 +72,8 @@ def test_every_imported_package_is_declared():
 
 def test_sea_examples_are_named_by_image_id(tmp_path):
     from orchestrator.sea_pool import SeaScorer
-    from trainables.pir_at import CHECKPOINT_FILE, PirAt
+    from trainables.pir_at import PirAt
+    from trainables.report_keys import CHECKPOINT_FILE
 
     config = with_values(load_config(DEMO), {"sea.iterations": 2, "sea.eps": [8]})
     torch.manual_seed(0)

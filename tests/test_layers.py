@@ -33,10 +33,19 @@ def test_trainables_import_neither_ray_nor_mlflow():
 
 
 def test_the_worker_function_lives_in_the_orchestrator():
-    from orchestrator.train import train_loop_per_worker
     from orchestrator.worker import train_loop_per_worker as worker
 
-    assert train_loop_per_worker is worker and worker.__module__ == "orchestrator.worker"
+    assert worker.__module__ == "orchestrator.worker"
+
+
+def test_the_trial_and_controller_processes_do_not_import_the_models():
+    # The Tune trial process imports orchestrator.sweep and the Train controller orchestrator.train (for its
+    # callbacks); each trial starts both, so timm, torchvision and the models would cost seconds of CPU each time.
+    code = ("import sys, orchestrator.sweep, orchestrator.train; "
+            "print(sorted(m for m in ('timm', 'torchvision', 'trainables.models', 'trainables.pir_at') "
+            "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", (result.stdout, result.stderr[-2000:])
 
 
 def test_data_imports_neither_the_orchestrator_nor_trainables():

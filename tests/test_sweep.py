@@ -97,7 +97,8 @@ def trained_checkpoint(tmp_path, demo_shards) -> tuple[object, str]:
     import torch
 
     from orchestrator.config import load_config, resolve_paths, with_values
-    from trainables.pir_at import CHECKPOINT_FILE, PirAt
+    from trainables.pir_at import PirAt
+    from trainables.report_keys import CHECKPOINT_FILE
 
     config = with_values(resolve_paths(load_config(TINY_CONFIG), REPO), {
         "data.shards": demo_shards, "sea.eps": [8], "sea.iterations": 40, "sea.images": 16, "sea.batch_size": 4,

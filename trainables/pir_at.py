@@ -27,13 +27,6 @@ from trainables.models.build import ModelSection
 from trainables.schedule import warmup_poly
 from trainables.units import to_unit
 
-CHECKPOINT_FILE = "state.pt"
-PROXY_METRIC = "select_robust_miou"
-# Checkpoints are ranked by this key: the robust proxy after a validation, else -1 (never preferred). It is
-# always finite: Ray Train's JSON snapshot of its checkpoint list turns NaN or inf into null, which a
-# restored run cannot rank.
-RANK_METRIC = "checkpoint_rank"
-
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the trial stops without writing a checkpoint."""
