@@ -85,9 +85,11 @@ def check_paths(config: Config) -> list[str]:
     if is_local(data.shards) and not os.path.exists(os.path.join(_local_path(data.shards), "train", "manifest.json")):
         source = "generated data" if data.synthetic else f"data.root {data.root}"
         warnings.append(f"data.shards {data.shards}: not found, will be prepared from {source}")
-    weights = config.model.backbone_weights
-    if weights and is_local(weights) and not os.path.exists(_local_path(weights)):
-        warnings.append(f"model.backbone_weights {weights}: not found")
+    named = {"model.backbone_weights": config.model.backbone_weights,
+             **{f"model.init_weights.{init}": uri for init, uri in config.model.init_weights.items()}}
+    for key, weights in named.items():
+        if weights and is_local(weights) and not os.path.exists(_local_path(weights)):
+            warnings.append(f"{key} {weights}: not found")
     return warnings
 
 
@@ -179,14 +181,15 @@ def sea_extras_text(config: Config) -> list[str]:
 
 def pretrain_text(plan: Plan) -> list[str]:
     """What the pretrain stage will do: the backbones the trials load, cached or to be trained."""
-    lines = []
+    lines, training = [], False
     for uri, config in needed(plan.trial_configs).items():
         pre = config.pretrain
         state = "cached" if is_cached(uri) else "to train"
+        training = training or state == "to train"
         how = f"{pre.attack_steps}-step PGD {pre.eps:g}/255" if config.model.init == "pir" else "clean"
         lines.append(f"Pretrain ({state}): {uri} ({how}, {pre.steps} steps of {pre.batch_size} generated "
                      f"{pre.image_size}px objects of {pre.classes} classes) for init {config.model.init}")
-    if lines:
+    if training:
         lines.append("Pretrain runs beside the sweep: a trial starts training once its init's backbone is written")
     return lines
 

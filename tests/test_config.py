@@ -41,6 +41,17 @@ def test_dry_run_exits_zero(path: Path, repo_env):
         assert "not found" in result.stdout
 
 
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.stem not in ("demo", "pir_claim")], ids=lambda p: p.stem)
+def test_a_recipe_sweeps_init_over_the_published_robust_and_clean_backbones(path: Path):
+    from orchestrator.plan import check_paths
+
+    config = load_config(path, ['sweep.params={"model.init": ["clean", "pir"]}'])
+    loaded = {c.model.init: c.model.backbone_weights for c in build_plan(config, "sqlite:///x.db").trial_configs}
+    assert loaded == {"clean": config.model.init_weights["clean"], "pir": config.model.init_weights["pir"]}
+    assert loaded["clean"] != loaded["pir"]
+    assert [w for w in check_paths(config) if w.startswith("model.init_weights.clean ") and "not found" in w]
+
+
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "bad.yaml"
     path.write_text(text)
