@@ -225,37 +225,51 @@ class ReleaseStoppedTrials(tune.Callback):
     Tune stops such a trial by killing its actor, which takes its TrainController and workers with it; but the
     workers' placement group, created by the controller, lives as long as the job (Ray frees a placement group
     when its creator and its creator's job are both gone). Left there, it holds its resources until the sweep
-    ends, and on a small cluster the next trials' data tasks wait for a CPU forever. The worker reports its
-    placement group with every epoch; once nothing runs in it any more, it is removed here."""
+    ends, and on a small cluster the next trials' data tasks wait for a CPU forever. Ray Train's own placement
+    group cleaner removes it when it can reach the state API (a cluster with a dashboard); this callback does
+    it otherwise, and says which of the two did. The worker reports its placement group with every epoch; once
+    nothing runs in it any more, it is removed here. `join` waits for the releases still under way."""
+
+    def __init__(self):
+        self.threads: list[threading.Thread] = []
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = dict(trial.last_result or {})
         group = result.get("placement_group")
         if group and not result.get("trial_done"):
             name = trial.config["trial"]["name"]
-            threading.Thread(target=release_placement_group, args=(group, name), daemon=True,
-                             name=f"release-{name}").start()
+            thread = threading.Thread(target=release_placement_group, args=(group, name), daemon=True,
+                                      name=f"release-{name}")
+            thread.start()
+            self.threads.append(thread)
+
+    def join(self, timeout_s: float = RELEASE_WAIT_S) -> None:
+        deadline = time.time() + timeout_s
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.time()))
 
 
 def release_placement_group(group: str, trial: str, wait_s: float = RELEASE_WAIT_S) -> bool:
     """Remove placement group `group` (hex id) once none of its resources is in use (its actors have died), waiting
-    up to `wait_s`; True if it was removed. A group that is gone already is left alone."""
+    up to `wait_s`; True once it is removed, here or by Ray Train's placement group cleaner."""
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
     handle = PlacementGroup(PlacementGroupID.from_hex(group))
     deadline = time.time() + wait_s
     while time.time() < deadline:
-        if placement_group_table(handle).get("state") != "CREATED":
-            return False
+        table = placement_group_table(handle)
+        cpus = sum(bundle.get("CPU", 0.0) for bundle in (table.get("bundles") or {}).values())
+        released = f"trial {trial}: stopped early; released its Train workers' placement group ({cpus:g} CPU"
+        if table.get("state") == "REMOVED":
+            print(f"{released}, by Ray Train's placement group cleaner)", flush=True)
+            return True
         suffix = f"_group_{group}"
         total, free = ray.cluster_resources(), ray.available_resources()
         held = {k: v for k, v in total.items() if k.endswith(suffix) and not k.startswith("bundle_group")}
-        if all(free.get(k, 0.0) >= v for k, v in held.items()):
+        if table.get("state") == "CREATED" and all(free.get(k, 0.0) >= v for k, v in held.items()):
             remove_placement_group(handle)
-            cpus = held.get(f"CPU{suffix}", 0.0)
-            print(f"trial {trial}: stopped early; released its Train workers' placement group ({cpus:g} CPU)",
-                  flush=True)
+            print(f"{released})", flush=True)
             return True
         time.sleep(0.5)
     print(f"trial {trial}: stopped early, but its Train workers' placement group {group} was still in use after "
@@ -337,7 +351,9 @@ def run_sweep(plan: Plan, *, resume: bool = False, callbacks: list[tune.Callback
     `backbones`: pretrain checkpoint URI -> the Ray task making it, which the trials loading it wait for."""
     ended: set[str] = set(_ended_before(plan.config) if resume else ())
     with on_trial_end(lambda name, result: ended.add(name)):
-        results = _tuner(plan, [*callbacks, TrialsEnded(), ReleaseStoppedTrials()], resume, backbones or {}).fit()
+        release = ReleaseStoppedTrials()
+        results = _tuner(plan, [*callbacks, TrialsEnded(), release], resume, backbones or {}).fit()
+        release.join()
     by_name = {n: (o, c) for n, o, c in zip(plan.names, plan.trials, plan.trial_configs, strict=True)}
     outcomes = []
     for result in results:

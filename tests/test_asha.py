@@ -48,7 +48,7 @@ def test_asha_stops_the_worse_trial_and_sea_scores_only_completed_ones(tmp_path,
             assert not any(k.startswith(("sea_", "clean_")) for k in child.data.metrics)
             assert f"trial {name}: SEA on" not in output
             # its Train run's placement group is given back (left there, it starved the next trial's data tasks)
-            assert f"trial {name}: stopped early; released its Train workers' placement group (0.5 CPU)" in output
+            assert f"trial {name}: stopped early; released its Train workers' placement group (0.5 CPU" in output
         else:
             completed.add(name)
             assert trained[name][-1] == EPOCHS and child.info.status == "FINISHED"
