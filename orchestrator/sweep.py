@@ -26,6 +26,8 @@ TRIALS_DIR = "trials"
 KEPT_DIR = "kept"  # a run's checkpoints kept for sweep.epochs_mode checkpoints, beside Ray Train's epoch_NNNN
 TRIAL_DRIVER_MEMORY = 256 * 1024**2
 TRIAL_STOP_GRACE_S = 10
+STATE_API_TIMEOUT_S = 10.0
+CLEANER_GRACE_S = 30.0  # what Ray Train's own cleaner (it polls every second) gets before the sweep removes a group
 RELEASE_WAIT_S = 120.0  # how long a stopped trial's placement group may stay in use before it is left to the job's end
 
 
@@ -226,9 +228,10 @@ class ReleaseStoppedTrials(tune.Callback):
     workers' placement group, created by the controller, lives as long as the job (Ray frees a placement group
     when its creator and its creator's job are both gone). Left there, it holds its resources until the sweep
     ends, and on a small cluster the next trials' data tasks wait for a CPU forever. Ray Train's own placement
-    group cleaner removes it when it can reach the state API (a cluster with a dashboard); this callback does
-    it otherwise, and says which of the two did. The worker reports its placement group with every epoch; once
-    nothing runs in it any more, it is removed here. `join` waits for the releases still under way."""
+    group cleaner removes it when it can reach the state API (a cluster with a dashboard, as the job's local Ray):
+    this callback then leaves it to that cleaner and says when it is gone; it removes the group itself (once
+    nothing runs in it) only without the state API, or when the cleaner has not within CLEANER_GRACE_S. The worker
+    reports its placement group with every epoch. `join` waits for the releases still under way."""
 
     def __init__(self):
         self.threads: list[threading.Thread] = []
@@ -249,27 +252,47 @@ class ReleaseStoppedTrials(tune.Callback):
             thread.join(max(0.0, deadline - time.time()))
 
 
-def release_placement_group(group: str, trial: str, wait_s: float = RELEASE_WAIT_S) -> bool:
-    """Remove placement group `group` (hex id) once none of its resources is in use (its actors have died), waiting
-    up to `wait_s`; True once it is removed, here or by Ray Train's placement group cleaner."""
+def state_api_reachable(timeout_s: float = STATE_API_TIMEOUT_S) -> bool:
+    """Whether Ray's state API answers (the dashboard serves it): Ray Train's placement group cleaner needs it to see
+    that a trial's controller has died."""
+    from ray.util.state import list_nodes
+    from ray.util.state.exception import RayStateApiException
+
+    try:
+        list_nodes(limit=1, timeout=timeout_s, raise_on_missing_output=False)
+    except RayStateApiException:
+        return False
+    return True
+
+
+def release_placement_group(group: str, trial: str, wait_s: float = RELEASE_WAIT_S,
+                            cleaner_grace_s: float | None = None) -> bool:
+    """Wait (up to `wait_s`) until placement group `group` (hex id) is removed; True once it is. Ray Train's placement
+    group cleaner removes it when its controller dies, if it can reach the state API; it is removed here once none
+    of its resources is in use (its actors have died) when the state API is out of reach, or when the cleaner has
+    not removed it within `cleaner_grace_s` (default CLEANER_GRACE_S, 0 without the state API)."""
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
+    if cleaner_grace_s is None:
+        cleaner_grace_s = CLEANER_GRACE_S if state_api_reachable() else 0.0
     handle = PlacementGroup(PlacementGroupID.from_hex(group))
-    deadline = time.time() + wait_s
-    while time.time() < deadline:
+    started = time.time()
+    suffix = f"_group_{group}"
+    while time.time() < started + wait_s:
         table = placement_group_table(handle)
         cpus = sum(bundle.get("CPU", 0.0) for bundle in (table.get("bundles") or {}).values())
         released = f"trial {trial}: stopped early; released its Train workers' placement group ({cpus:g} CPU"
         if table.get("state") == "REMOVED":
             print(f"{released}, by Ray Train's placement group cleaner)", flush=True)
             return True
-        suffix = f"_group_{group}"
         total, free = ray.cluster_resources(), ray.available_resources()
         held = {k: v for k, v in total.items() if k.endswith(suffix) and not k.startswith("bundle_group")}
-        if table.get("state") == "CREATED" and all(free.get(k, 0.0) >= v for k, v in held.items()):
+        idle = table.get("state") == "CREATED" and all(free.get(k, 0.0) >= v for k, v in held.items())
+        if idle and time.time() >= started + cleaner_grace_s:
             remove_placement_group(handle)
-            print(f"{released})", flush=True)
+            late = f"; Ray Train's cleaner had not within {cleaner_grace_s:g}s" if cleaner_grace_s else ""
+            print(f"{released}{late})", flush=True)
             return True
         time.sleep(0.5)
     print(f"trial {trial}: stopped early, but its Train workers' placement group {group} was still in use after "
