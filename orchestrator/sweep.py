@@ -253,16 +253,21 @@ class ReleaseStoppedTrials(tune.Callback):
 
 
 def state_api_reachable(timeout_s: float = STATE_API_TIMEOUT_S) -> bool:
-    """Whether Ray's state API answers (the dashboard serves it): Ray Train's placement group cleaner needs it to see
-    that a trial's controller has died."""
+    """Whether the state API of the cluster this driver is connected to answers (its dashboard serves it): Ray
+    Train's placement group cleaner needs it to see that a trial's controller has died. Without a dashboard, Ray's
+    state client tries 127.0.0.1:8265, where another Ray on the machine may answer, so the answer must name this
+    driver's node."""
     from ray.util.state import list_nodes
     from ray.util.state.exception import RayStateApiException
 
+    context = ray.get_runtime_context()
+    node = context.get_node_id()
     try:
-        list_nodes(limit=1, timeout=timeout_s, raise_on_missing_output=False)
-    except RayStateApiException:
+        nodes = list_nodes(address=context.gcs_address, filters=[("node_id", "=", node)], timeout=timeout_s,
+                           raise_on_missing_output=False)
+    except (RayStateApiException, ConnectionError):
         return False
-    return True
+    return any(n.node_id == node for n in nodes)
 
 
 def release_placement_group(group: str, trial: str, wait_s: float = RELEASE_WAIT_S,

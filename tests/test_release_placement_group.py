@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -14,6 +16,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from orchestrator.sweep import release_placement_group, state_api_reachable
 
 CLEANER = "by Ray Train's placement group cleaner"
+OTHER_RAY = ("import sys, ray; ray.init(address='local', num_cpus=1, include_dashboard=True, logging_level='ERROR'); "
+             "print('up', flush=True); sys.stdin.read(); ray.shutdown()")
 
 
 @ray.remote(num_cpus=0.5)
@@ -53,8 +57,22 @@ def ray_with_dashboard():
         ray.shutdown()
 
 
-def test_without_the_state_api_the_sweep_removes_the_group_once_its_actors_are_gone(ray_without_dashboard, capsys):
-    assert not state_api_reachable()
+@pytest.fixture
+def other_ray_with_dashboard():
+    """Another Ray on the machine, its dashboard on Ray's default port when free (where Ray's state client looks
+    when the cluster it is asked about has no dashboard)."""
+    other = subprocess.Popen([sys.executable, "-c", OTHER_RAY], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert other.stdout.readline().strip() == "up"
+        yield
+    finally:
+        other.communicate("", timeout=120)
+
+
+def test_without_the_state_api_the_sweep_removes_the_group_once_its_actors_are_gone(other_ray_with_dashboard,
+                                                                                    ray_without_dashboard, capsys):
+    assert not state_api_reachable()  # another Ray's dashboard answering does not count
     group = _group_with_a_dead_actor()
     assert release_placement_group(group.id.hex(), "t03_stopped", wait_s=60)
     assert placement_group_table(group)["state"] == "REMOVED"
