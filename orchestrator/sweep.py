@@ -26,7 +26,7 @@ TRIALS_DIR = "trials"
 KEPT_DIR = "kept"  # a run's checkpoints kept for sweep.epochs_mode checkpoints, beside Ray Train's epoch_NNNN
 TRIAL_DRIVER_MEMORY = 256 * 1024**2
 TRIAL_STOP_GRACE_S = 10
-STATE_API_TIMEOUT_S = 10.0
+STATE_API_TIMEOUT_S = 10.0  # how long the check whether Ray's state API answers may take
 CLEANER_GRACE_S = 30.0  # what Ray Train's own cleaner (it polls every second) gets before the sweep removes a group
 RELEASE_WAIT_S = 120.0  # how long a stopped trial's placement group may stay in use before it is left to the job's end
 

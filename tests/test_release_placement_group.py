@@ -26,12 +26,18 @@ class Holder:
         return 1
 
 
-def _group_with_a_dead_actor():
-    """A 0.5-CPU placement group whose only actor (a stand-in for a stopped trial's worker) has been killed."""
+def _group_with_an_actor():
+    """A 0.5-CPU placement group and its one running actor (a stand-in for a trial's Train worker)."""
     group = placement_group([{"CPU": 0.5}])
     ray.get(group.ready(), timeout=60)
     actor = Holder.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group)).remote()
     assert ray.get(actor.ping.remote(), timeout=60) == 1
+    return group, actor
+
+
+def _group_with_a_dead_actor():
+    """A 0.5-CPU placement group whose only actor (a stand-in for a stopped trial's worker) has been killed."""
+    group, actor = _group_with_an_actor()
     ray.kill(actor)
     return group
 
@@ -82,10 +88,7 @@ def test_without_the_state_api_the_sweep_removes_the_group_once_its_actors_are_g
 
 
 def test_a_group_still_in_use_is_left_to_the_end_of_the_sweep(ray_without_dashboard, capsys):
-    group = placement_group([{"CPU": 0.5}])
-    ray.get(group.ready(), timeout=60)
-    actor = Holder.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group)).remote()
-    assert ray.get(actor.ping.remote(), timeout=60) == 1
+    group, actor = _group_with_an_actor()
     assert not release_placement_group(group.id.hex(), "t01_busy", wait_s=2)
     assert placement_group_table(group)["state"] == "CREATED"
     assert "was still in use after 2s; it is released when the sweep ends" in capsys.readouterr().out
