@@ -197,3 +197,16 @@ def test_the_five_published_models_have_recipes():
     names = {p.stem for p in (REPO / "experiments" / "configs").glob("eval_*.yaml")}
     assert names == {"eval_demo", "eval_voc_convnext_t", "eval_voc_convnext_s", "eval_ade20k_convnext_t",
                      "eval_ade20k_convnext_s", "eval_ade20k_segmenter_vit_s"}
+
+
+def test_eval_demo_scores_as_the_demo_sweep():
+    """eval_demo.yaml re-scores a demo trial: its SEA settings (and so its random starts) must be the demo's."""
+    from orchestrator.config import load_config
+
+    configs = REPO / "experiments" / "configs"
+    demo = load_config(configs / "demo.yaml")
+    standalone = load_config(configs / "eval_demo.yaml", ["model.weights=/nonexistent/state.pt"])
+    for key in ("eps", "iterations", "losses", "track", "seed", "images", "batch_size"):
+        assert getattr(standalone.sea, key) == getattr(demo.sea, key), key
+    assert standalone.eval.protocol == demo.eval.protocol
+    assert standalone.data.synthetic == demo.data.synthetic
