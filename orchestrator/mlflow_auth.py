@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from orchestrator.redact import environment_snapshot
+
 # The MLflow user every driver and worker of the cluster logs as (MLFLOW_TRACKING_USERNAME).
 DEFAULT_USERNAME = "pir-at-ray"
 # MLflow's basic-auth app refuses shorter passwords; its old default admin password is refused too.
@@ -134,7 +136,7 @@ def server_environment(state_dir: str | Path, username: str, password: str,
                        base: dict[str, str] | None = None) -> dict[str, str]:
     """The server process's environment: the auth config, the admin credentials for the first start and
     a CSRF key derived from the secret (stable across restarts with the same secret)."""
-    env = dict(os.environ if base is None else base)
+    env = environment_snapshot() if base is None else dict(base)
     env["MLFLOW_AUTH_CONFIG_PATH"] = str(Path(state_dir).expanduser().resolve() / AUTH_INI)
     env["MLFLOW_AUTH_ADMIN_USERNAME"] = username
     env["MLFLOW_AUTH_ADMIN_PASSWORD"] = password

@@ -41,10 +41,18 @@ def is_secret_key(key: str) -> bool:
     return any(word in lowered for word in SECRET_KEY_WORDS)
 
 
+def environment_snapshot(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A copy of the environment that another thread may be changing (MLflow's telemetry thread sets and removes
+    _MLFLOW_TELEMETRY_SESSION_ID): a variable removed between listing the names and reading it is left out, where
+    `dict(os.environ)` and `os.environ.items()` raise KeyError."""
+    environ = os.environ if environ is None else environ
+    values = ((name, environ.get(name)) for name in list(environ))
+    return {name: value for name, value in values if value is not None}
+
+
 def environment_secrets(environ: Mapping[str, str] | None = None) -> list[str]:
     """The values of secret-named environment variables (longest first), which must appear nowhere."""
-    environ = os.environ if environ is None else environ
-    values = {value for name, value in environ.items()
+    values = {value for name, value in environment_snapshot(environ).items()
               if is_secret_key(name) and not name.upper().endswith(_LOCATION_SUFFIXES)
               and name.upper() not in _LOCATION_NAMES and len(value.strip()) >= MIN_SECRET_CHARS}
     return sorted(values, key=len, reverse=True)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.redact import environment_snapshot
+
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 # The tests' tiny config (the demo's previous colour-coded, randomly initialised setting): trains in seconds.
@@ -17,7 +19,7 @@ TINY_CONFIG = REPO / "tests" / "tiny.yaml"
 @pytest.fixture
 def repo_env() -> dict[str, str]:
     """Environment for subprocesses that must import this checkout (not another install)."""
-    env = dict(os.environ)
+    env = environment_snapshot()
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("MLFLOW_TRACKING_URI", None)
     return env

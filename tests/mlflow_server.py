@@ -13,6 +13,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from orchestrator.redact import environment_snapshot
+
 from .conftest import REPO, _free_port
 
 
@@ -26,7 +28,7 @@ def mlflow_server(tmp_path: Path, artifacts_destination: str, timeout: float = 9
     With `secret_file`, the server is MLflow's basic-auth app started through
     `python -m orchestrator.mlflow_auth serve` (admin password = the secret, auth state in `state_dir`)."""
     port = _free_port()
-    env = dict(os.environ)
+    env = environment_snapshot()
     env.pop("MLFLOW_TRACKING_URI", None)
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no background job workers for a test server
     log_path = tmp_path / "mlflow-server.log"

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.redact import environment_snapshot
+
 from .conftest import PYTHON, REPO, _free_port
 
 RAY_CLI = str(Path(PYTHON).parent / "ray")
@@ -70,7 +72,7 @@ class RayHead:
 
 def generate_token(home: Path) -> str:
     """A new token from `ray get-auth-token --generate`, with HOME pointed at `home` so ~/.ray stays untouched."""
-    env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_RAY_ENV}
+    env = {k: v for k, v in environment_snapshot().items() if k not in _FOREIGN_RAY_ENV}
     env["HOME"] = str(home)
     result = subprocess.run([RAY_CLI, "get-auth-token", "--generate"], env=env, capture_output=True,
                             text=True, timeout=120)
@@ -84,7 +86,7 @@ def generate_token(home: Path) -> str:
 
 def head_env(token: str, temp_dir: Path) -> dict[str, str]:
     """Environment of the head's processes (and so of job drivers and workers)."""
-    env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_RAY_ENV}
+    env = {k: v for k, v in environment_snapshot().items() if k not in _FOREIGN_RAY_ENV}
     env.pop("MLFLOW_TRACKING_URI", None)
     env.update({
         "RAY_AUTH_MODE": "token",

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 
 import pytest
 import torch
 
+from orchestrator.redact import environment_snapshot
 from tests.conftest import PYTHON, REPO
 from trainables.models import build_model, read_checkpoint
 
@@ -47,7 +47,7 @@ def test_short_robust_run_saves_a_loadable_cvst_checkpoint(tmp_path, repo_env):
 
 @pytest.mark.slow
 def test_robust_run_writes_to_s3_in_the_ddp_layout(s3_bucket, repo_env):
-    env = {**repo_env, **{k: os.environ[k] for k in os.environ if k.startswith("AWS_")}}
+    env = {**repo_env, **{k: v for k, v in environment_snapshot().items() if k.startswith("AWS_")}}
     uri = f"{s3_bucket}/backbones/atto.pt"
     proc = _run(["--out", uri, "--layout", "module", "--steps", "2", "--batch-size", "4", "--threads", "1"], env)
     assert proc.returncode == 0, proc.stderr

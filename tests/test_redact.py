@@ -9,6 +9,9 @@ import json
 import os
 import re
 import stat
+import sys
+import threading
+import time
 
 import pytest
 from mlflow.entities import Metric, Param, RunTag
@@ -20,6 +23,7 @@ from orchestrator.redact import (
     REDACTED,
     RedactingClient,
     environment_secrets,
+    environment_snapshot,
     is_secret_key,
     redact,
     redact_tree,
@@ -61,6 +65,60 @@ def test_environment_secrets_are_scrubbed_wherever_they_appear(monkeypatch):
     assert redact("testing /home/ray/.ray/auth_token") == "testing /home/ray/.ray/auth_token"
     assert redact_tree({"note": [f"x{PASSWORD}y"]}) == {"note": [f"x{REDACTED}y"]}
     assert environment_secrets({"MLFLOW_TRACKING_PASSWORD": PASSWORD, "HOME": "/root/long-path"}) == [PASSWORD]
+
+
+class _VanishingEnviron(dict):
+    """An environment in which one variable is removed by another thread between listing and reading, as
+    MLflow's telemetry thread removes _MLFLOW_TELEMETRY_SESSION_ID when it finds no network."""
+
+    def __getitem__(self, name):
+        if name == "_VANISHING":
+            raise KeyError(name)
+        return super().__getitem__(name)
+
+    def items(self):
+        return ((name, self[name]) for name in list(self))  # os.environ's way: list the names, then read each
+
+    def get(self, name, default=None):
+        try:
+            return self[name]
+        except KeyError:
+            return default
+
+
+def test_a_variable_removed_while_reading_the_environment_is_left_out():
+    environ = _VanishingEnviron(_VANISHING="gone-before-it-was-read", MLFLOW_TRACKING_PASSWORD=PASSWORD)
+    assert environment_secrets(environ) == [PASSWORD]
+    assert environment_snapshot(environ) == {"MLFLOW_TRACKING_PASSWORD": PASSWORD}
+
+
+def test_redaction_survives_another_thread_changing_os_environ(monkeypatch):
+    """The failure seen in a fresh clone's make demo: KeyError from os.environ while MLflow's telemetry thread
+    unset a variable. Here a thread sets and unsets one for a second while redact and the snapshot run."""
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    stop, interval, flips = threading.Event(), sys.getswitchinterval(), [0]
+
+    def flicker():
+        while not stop.is_set():
+            os.environ["_PIR_AT_FLICKER"] = "x"
+            del os.environ["_PIR_AT_FLICKER"]
+            flips[0] += 1
+
+    thread = threading.Thread(target=flicker, daemon=True)
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can, so a removal lands mid-read
+    thread.start()
+    try:
+        calls, deadline = 0, time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            assert redact(f"user:{PASSWORD}") == f"user:{REDACTED}"
+            assert environment_snapshot()["MLFLOW_TRACKING_PASSWORD"] == PASSWORD
+            calls += 1
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+        os.environ.pop("_PIR_AT_FLICKER", None)
+    assert calls > 100 and flips[0] > 100, (calls, flips[0])
 
 
 def test_a_config_with_credentials_is_logged_redacted(tmp_path, monkeypatch):

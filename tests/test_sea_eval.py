@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from orchestrator.redact import environment_snapshot
 from tests.test_published_layout import ATTO, published_state
 
 pytestmark = pytest.mark.realpath
@@ -41,7 +42,7 @@ def _config(tmp_path: Path, weights: str, output: str, **sea) -> Path:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RAY_ADDRESS": "",
+    return {**environment_snapshot(), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "RAY_ADDRESS": "",
             "MLFLOW_TRACKING_URI": ""}
 
 

@@ -24,6 +24,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from orchestrator.redact import environment_snapshot  # noqa: E402
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -54,7 +56,7 @@ def main() -> int:
             }
             path = os.path.join(folder, f"bench{actors}.yaml")
             Path(path).write_text(yaml.safe_dump(config))
-            env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+            env = {**environment_snapshot(), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
             done = subprocess.run([sys.executable, str(REPO / "experiments" / "sea_eval.py"), "--config", path],
                                   capture_output=True, text=True, env=env, cwd=folder)
             if done.returncode:
