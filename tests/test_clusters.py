@@ -312,9 +312,21 @@ SECRET_ASSIGNMENT = re.compile(r"\b([A-Z][A-Z0-9_]*)=(\"\$\(cat [^)]*\)\"|\S+)")
 FROM_FILE = re.compile(r"\"\$\(cat [^)\s]+\)\"")
 
 
+# What a run writes into the checkout (MLflow artifacts, Ray results, data caches): not the repository's files.
+GENERATED = {".venv", ".cache", "mlruns", "mlartifacts", "ray_results"}
+
+
 def repository_yamls() -> list[Path]:
-    return sorted(p for p in REPO.rglob("*.y*ml") if ".venv" not in p.parts and ".cache" not in p.parts
-                  and p.suffix in (".yaml", ".yml"))
+    """The YAML files of the repository: tracked or new and not ignored (`git ls-files`), so that what a demo or a
+    test run wrote into the checkout (e.g. mlruns/*/artifacts/config.yaml) neither adds tests nor hides any;
+    outside a git checkout, every YAML file but those under the generated folders."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z", "--",
+                                 "*.yaml", "*.yml"], cwd=REPO, capture_output=True, check=True).stdout
+        paths = [REPO / name for name in listed.decode().split("\0") if name]
+    except (OSError, subprocess.CalledProcessError):
+        paths = [p for p in REPO.rglob("*.y*ml") if not GENERATED.intersection(p.relative_to(REPO).parts)]
+    return sorted(p for p in paths if p.suffix in (".yaml", ".yml") and p.is_file())
 
 
 def _strings(node):
