@@ -9,9 +9,7 @@ import json
 import os
 import re
 import stat
-import sys
-import threading
-import time
+import subprocess
 
 import pytest
 from mlflow.entities import Metric, Param, RunTag
@@ -31,7 +29,7 @@ from orchestrator.redact import (
 )
 from orchestrator.tracking import config_params
 
-from .conftest import REPO
+from .conftest import PYTHON, REPO
 
 DEMO = REPO / "experiments" / "configs" / "demo.yaml"
 PASSWORD = "Zq3-planted-mlflow-password"
@@ -92,33 +90,43 @@ def test_a_variable_removed_while_reading_the_environment_is_left_out():
     assert environment_snapshot(environ) == {"MLFLOW_TRACKING_PASSWORD": PASSWORD}
 
 
-def test_redaction_survives_another_thread_changing_os_environ(monkeypatch):
+# Run in a process of its own: setenv/unsetenv race with getenv in any native thread (Ray's, gRPC's, the AWS
+# SDK's) that earlier tests left in the test process.
+_FLICKER = """
+import os, sys, threading, time
+from orchestrator.redact import environment_snapshot, redact
+password = sys.argv[1]
+os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+stop, flips = threading.Event(), [0]
+
+def flicker():
+    while not stop.is_set():
+        os.environ["_PIR_AT_FLICKER"] = "x"
+        del os.environ["_PIR_AT_FLICKER"]
+        flips[0] += 1
+
+thread = threading.Thread(target=flicker, daemon=True)
+sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can, so a removal lands mid-read
+thread.start()
+calls, deadline = 0, time.monotonic() + 1.0
+while time.monotonic() < deadline:
+    assert redact("user:" + password) == "user:***"
+    assert environment_snapshot()["MLFLOW_TRACKING_PASSWORD"] == password
+    calls += 1
+stop.set()
+thread.join()
+print(calls, flips[0])
+"""
+
+
+def test_redaction_survives_another_thread_changing_os_environ(repo_env):
     """The failure seen in a fresh clone's make demo: KeyError from os.environ while MLflow's telemetry thread
     unset a variable. Here a thread sets and unsets one for a second while redact and the snapshot run."""
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
-    stop, interval, flips = threading.Event(), sys.getswitchinterval(), [0]
-
-    def flicker():
-        while not stop.is_set():
-            os.environ["_PIR_AT_FLICKER"] = "x"
-            del os.environ["_PIR_AT_FLICKER"]
-            flips[0] += 1
-
-    thread = threading.Thread(target=flicker, daemon=True)
-    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can, so a removal lands mid-read
-    thread.start()
-    try:
-        calls, deadline = 0, time.monotonic() + 1.0
-        while time.monotonic() < deadline:
-            assert redact(f"user:{PASSWORD}") == f"user:{REDACTED}"
-            assert environment_snapshot()["MLFLOW_TRACKING_PASSWORD"] == PASSWORD
-            calls += 1
-    finally:
-        stop.set()
-        thread.join()
-        sys.setswitchinterval(interval)
-        os.environ.pop("_PIR_AT_FLICKER", None)
-    assert calls > 100 and flips[0] > 100, (calls, flips[0])
+    result = subprocess.run([PYTHON, "-c", _FLICKER, PASSWORD], env=repo_env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    calls, flips = map(int, result.stdout.split())
+    assert calls > 100 and flips > 100, (calls, flips)
 
 
 def test_a_config_with_credentials_is_logged_redacted(tmp_path, monkeypatch):
