@@ -63,7 +63,7 @@ def checked_manifest(uri: str) -> dict:
     return manifest
 
 
-def _read(uri: str, manifest: dict, block_rows: int | None = None):
+def _read(uri: str, manifest: dict, block_rows: int | None = None, num_cpus: float = 1.0):
     import ray
     import ray.data
 
@@ -84,7 +84,7 @@ def _read(uri: str, manifest: dict, block_rows: int | None = None):
     context.op_resource_reservation_enabled = False
     with ray.data.DataContext.current(context):
         ds = ray.data.read_parquet(paths, filesystem=fs, partitioning=None,
-                                   override_num_blocks=blocks)
+                                   override_num_blocks=blocks, ray_remote_args={"num_cpus": num_cpus})
     return ds.select_columns(["id", "image", "label"])
 
 
@@ -183,12 +183,13 @@ def _train_rows(batch: dict[str, np.ndarray], *, shard_refs: tuple, offsets: tup
 
 
 def train_dataset(rows: TrainRows | str, *, crop_size: int, scale_range: tuple[float, float] = (0.5, 2.0),
-                  seed: int = 0, epoch: int = 1, positions: np.ndarray | None = None):
+                  seed: int = 0, epoch: int = 1, positions: np.ndarray | None = None, num_cpus: float = 1.0):
     """One epoch's training rows in order: the epoch order's `positions` (default: all of them), each
     randomly scaled, padded, cropped to crop_size x crop_size and flipped as (seed, epoch, position) says.
 
     `rows` is a `load_train_rows` result (or a shard URI, loaded here). Decoding runs in parallel Ray Data
-    tasks; the output keeps the positions' order, so the batches do not depend on task timing.
+    tasks of `num_cpus` CPUs each; the output keeps the positions' order, so the batches do not depend on task
+    timing.
     """
     import ray.data
 
@@ -206,11 +207,12 @@ def train_dataset(rows: TrainRows | str, *, crop_size: int, scale_range: tuple[f
         _train_rows, batch_size=None, batch_format="numpy",
         fn_kwargs={"shard_refs": rows.shard_refs, "offsets": rows.offsets, "seed": seed, "epoch": epoch,
                    "crop_size": crop_size, "scale_range": tuple(scale_range)},
+        num_cpus=num_cpus,
     )
 
 
 def val_dataset(uri: str, *, size: int, limit: int | None = None, block_rows: int | None = None,
-                protocol: str = "fit", ignore_as: int | None = None):
+                protocol: str = "fit", ignore_as: int | None = None, num_cpus: float = 1.0):
     """Val rows in manifest order, in one of three views (`protocol`); first `limit` rows.
 
     "fit": resized to fit size x size (bilinear image, nearest label), padded (mean colour, ignore value).
@@ -223,7 +225,7 @@ def val_dataset(uri: str, *, size: int, limit: int | None = None, block_rows: in
     ignore_as counts the ignore value as that class (the reference protocol scores VOC's 255 borders as
     background, 0). block_rows splits the shards into blocks of about that many rows (e.g. the SEA batch
     size, so that a pool of actors shares the images evenly and a retried block is small); by default a
-    block is a whole shard.
+    block is a whole shard. Reading and decoding run as Ray Data tasks of `num_cpus` CPUs each.
     """
     if limit is not None and limit < 1:
         raise DataError(f"limit = {limit}: must be >= 1 (or None for all rows)")
@@ -235,10 +237,10 @@ def val_dataset(uri: str, *, size: int, limit: int | None = None, block_rows: in
         except ValueError as error:
             raise DataError(str(error)) from None
     manifest = checked_manifest(uri)
-    ds = _read(uri, manifest, block_rows)
+    ds = _read(uri, manifest, block_rows, num_cpus)
     ds.context.execution_options.preserve_order = True
     ds = ds.map_batches(_val_rows, fn_kwargs={"size": size, "protocol": protocol, "ignore_as": ignore_as},
-                        batch_size=None, batch_format="pyarrow")
+                        batch_size=None, batch_format="pyarrow", num_cpus=num_cpus)
     return ds if limit is None else ds.limit(limit)
 
 

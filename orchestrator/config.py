@@ -381,6 +381,10 @@ class ClusterConfig(_Section):
     workers: int = Field(1, ge=1, description="Ray Train workers per trial")
     gpus_per_worker: float = Field(0.0, ge=0)
     cpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_data_task: float = Field(
+        1.0, gt=0, description="CPUs each Ray Data task that reads and decodes images (training epochs, selection "
+        "and SEA images) reserves; below 1 lets them run beside workers and SEA actors that hold fractions of a CPU"
+    )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = Field(0, ge=-1, description="worker-group restarts per trial; -1: unlimited")
 

@@ -105,6 +105,7 @@ class TrialScorer:
 
     def __post_init__(self):
         self.stop = threading.Event()
+        self.trained = threading.Event()  # set once the sweep has returned
         self._queue: queue.Queue = queue.Queue()
         self._handed: set[str] = set()
         self._thread = threading.Thread(target=self._loop, name="sea-scorer", daemon=True)
@@ -154,14 +155,20 @@ class TrialScorer:
             for name in names:
                 mark_stopped(self.tracker, self.runs[name], outcome)
             return
+        spread = self.training_over()
         if not checkpoint_runs:
             self._score(outcome.name, outcome.config, lambda run_id: _score_trial(self.tracker, run_id, outcome,
-                                                                                   stop=self.stop))
+                                                                                   stop=self.stop, spread=spread))
             return
         kept = {int(e): uri for e, uri in json.loads(outcome.metrics.get("kept_checkpoints") or "{}").items()}
         for run in checkpoint_runs:
             self._score(run.name, run.config, lambda run_id, run=run: _score_checkpoint_run(
-                self.tracker, run_id, run, kept[run.epoch], outcome, stop=self.stop), final=False)
+                self.tracker, run_id, run, kept[run.epoch], outcome, stop=self.stop, spread=spread), final=False)
+
+    def training_over(self) -> bool:
+        """Whether no trial is training any more (the sweep returned, or every trial named in checkpoint_runs has
+        ended): SEA then has the cluster to itself and its pool starts an actor per batch (score_checkpoint)."""
+        return self.trained.is_set() or (bool(self.checkpoint_runs) and self._handed >= set(self.checkpoint_runs))
 
     def _score(self, name: str, config, score, final: bool = True) -> None:
         """Score one MLflow run unless its SEA results are there already; a failure marks that run only."""
@@ -206,6 +213,7 @@ def run_job(plan: Plan, resume: bool = False) -> int:
         outcomes = _train(plan, timer, scorer, runs, resume, backbones)
         if outcomes is None:
             return _interrupted(plan, timer, scorer)
+        scorer.trained.set()
         if backbones is not None:
             _pretrain_logged(backbones, tracker)
         with timer.stage("sea"):  # what SEA has left once the last trial has ended (all of it without overlap)
@@ -328,7 +336,7 @@ def _close(plan: Plan, tracker, timer: StageTimer, scorer: TrialScorer, trials: 
     return 0
 
 
-def _score_trial(tracker, run_id: str, outcome, stop: threading.Event | None = None) -> None:
+def _score_trial(tracker, run_id: str, outcome, stop: threading.Event | None = None, spread: bool = False) -> None:
     """SEA on the checkpoint selected on the held-out selection images and, as `final_*`, on the last epoch's
     (scored once when they are the same checkpoint); both go to the trial's MLflow run."""
     from orchestrator.sea_pool import score_checkpoint
@@ -338,7 +346,8 @@ def _score_trial(tracker, run_id: str, outcome, stop: threading.Event | None = N
         checkpoint = metrics[key]
         if checkpoint not in scored:
             say(f"trial {outcome.name}: SEA on {redact(checkpoint)} ({key.split('_')[0]} epoch {metrics.get(epoch)})")
-            scored[checkpoint] = score_checkpoint(outcome.config, checkpoint, label=outcome.name, stop=stop)
+            scored[checkpoint] = score_checkpoint(outcome.config, checkpoint, label=outcome.name, stop=stop,
+                                                  spread=spread)
         sea = scored[checkpoint]
         first = next(iter(sea.by_eps.values()))
         tracker.log_result(
@@ -352,13 +361,13 @@ def _score_trial(tracker, run_id: str, outcome, stop: threading.Event | None = N
             tracker.log_examples(run_id, ex["image"], ex["label"], ex["clean_pred"], ex["adv_pred"], eps=ex["eps"])
 
 
-def _score_checkpoint_run(tracker, run_id: str, run, checkpoint: str, trial, stop=None) -> None:
+def _score_checkpoint_run(tracker, run_id: str, run, checkpoint: str, trial, stop=None, spread: bool = False) -> None:
     """SEA on the checkpoint a sweep.epochs_mode checkpoints run scores (its trial's, kept at the run's epoch);
     train_hours is the trial's share up to that epoch."""
     from orchestrator.sea_pool import score_checkpoint
 
     say(f"trial {run.name}: SEA on {redact(checkpoint)} (epoch {run.epoch} of trial {run.trial})")
-    sea = score_checkpoint(run.config, checkpoint, label=run.name, stop=stop)
+    sea = score_checkpoint(run.config, checkpoint, label=run.name, stop=stop, spread=spread)
     share = run.epoch / trial.config.train.epochs
     tracker.log_result(run_id, clean=next(iter(sea.by_eps.values()))["clean"], sea=sea.by_eps, groups=sea.groups,
                        train_hours=float(trial.metrics.get("train_hours", 0.0)) * share,

@@ -116,11 +116,17 @@ def score_batch(model, tensors: dict[str, Any], sea_settings: dict[str, Any], nu
     return out
 
 
+# The lowest CPU priority: Ray starts every worker at nice 15 (raylet's worker_niceness), so only 16-19 are lower.
+BACKGROUND_NICE = 19
+
+
 class SeaScorer:
-    """A pool actor: loads the checkpoint once (GPU when it has one) and scores batches for every ε."""
+    """A pool actor: loads the checkpoint once (GPU when it has one) and scores batches for every ε. A
+    `background` scorer (beside the sweep's training) runs at a lower CPU priority (nice BACKGROUND_NICE), so that
+    trials and backbone pretraining keep their cores and scoring takes what they leave idle; numbers are the same."""
 
     def __init__(self, checkpoint_path: str, config: dict[str, Any], num_classes: int, threads: int,
-                 example_ids: tuple[str, ...] = ()):
+                 example_ids: tuple[str, ...] = (), background: bool = False):
         import torch
 
         from orchestrator.config import ModelConfig
@@ -143,8 +149,11 @@ class SeaScorer:
         self.sea = config["sea"]
         self.num_classes = num_classes
         self.example_ids = set(example_ids)
+        self.background = background
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.background:  # per thread on Linux: the thread that runs the attacks (and the ones it starts)
+            os.setpriority(os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0), BACKGROUND_NICE))
         tensors = val_collate(batch)
         x, y, ids = tensors["image"].to(self.device), tensors["label"].to(self.device), tensors["id"]
         wanted = [n for n, i in enumerate(ids) if i in self.example_ids]
@@ -211,27 +220,47 @@ class ScoringCancelled(RuntimeError):
     """Scoring stopped on request (the job was interrupted) before every image was scored."""
 
 
+def _room(config: Config) -> int:
+    """How many scoring actors the cluster's CPUs (and GPUs) hold beside one read/decode task (a pool that took
+    every CPU would leave its own images unread). The whole cluster's: the previous pool's actors may not have
+    released theirs yet."""
+    free, sea = ray.cluster_resources(), config.sea
+    room = int((free.get("CPU", 0.0) - config.cluster.cpus_per_data_task) // sea.cpus_per_actor)
+    if sea.gpus_per_actor:
+        room = min(room, int(free.get("GPU", 0.0) // sea.gpus_per_actor))
+    return room
+
+
 def score_checkpoint(config: Config, checkpoint_path: str, *, label: str = "", examples: int = 4,
-                     stop: threading.Event | None = None) -> SeaOutcome:
+                     stop: threading.Event | None = None, spread: bool = False) -> SeaOutcome:
     """Score one checkpoint with SEA (and the extra attacks and defences `sea` asks for) on the val shards for
     every `sea.eps`; prints progress per ε. A set `stop` ends the scoring after the batch in hand
-    (ScoringCancelled), which releases the pool's actors."""
+    (ScoringCancelled), which releases the pool's actors. `spread` (nothing else needs the cluster, e.g. the
+    sweep's last trial): a fixed pool of an actor per batch, up to sea.max_actors and what the cluster holds
+    beside a read task, each taking one batch at a time; otherwise the pool starts at sea.min_actors, grows while
+    batches queue (Ray Data's autoscaling, which gives a few batches all to the first actor) and its actors run in
+    the background (SeaScorer)."""
     sea = config.sea
     from orchestrator.train import shard_uris
 
     val_uri = shard_uris(config)[2]
-    dataset = val_dataset(val_uri, **eval_view(config), limit=sea.images, block_rows=sea.batch_size)
+    dataset = val_dataset(val_uri, **eval_view(config), limit=sea.images, block_rows=sea.batch_size,
+                          num_cpus=config.cluster.cpus_per_data_task)
     total = dataset.count()
+    pool = {"min_size": sea.min_actors, "max_size": sea.max_actors}
+    if spread:
+        size = max(sea.min_actors, min(sea.max_actors, -(-total // sea.batch_size), _room(config)))
+        pool = {"min_size": size, "max_size": size, "max_tasks_in_flight_per_actor": 1}
     example_ids = tuple(str(row["id"]) for row in dataset.select_columns(["id"]).take(examples))
     scored = dataset.map_batches(
         SeaScorer,
         fn_constructor_kwargs={
             "checkpoint_path": checkpoint_path, "config": to_dict(config),
             "num_classes": config.data.num_classes, "threads": int(sea.cpus_per_actor),
-            "example_ids": example_ids,
+            "example_ids": example_ids, "background": not spread,
         },
         batch_size=sea.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=sea.min_actors, max_size=sea.max_actors),
+        compute=ray.data.ActorPoolStrategy(**pool),
         num_cpus=sea.cpus_per_actor,
         num_gpus=sea.gpus_per_actor or None,
     )

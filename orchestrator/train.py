@@ -115,7 +115,7 @@ def build_trainer(
         "resume_from": resume_from,
         **(extra_loop_config or {}),
     }
-    datasets = {"select": val_dataset(select_uri, size=data.val_size)}
+    datasets = {"select": val_dataset(select_uri, size=data.val_size, num_cpus=config.cluster.cpus_per_data_task)}
     run_config = RunConfig(
         name=name,
         storage_path=storage_path,

@@ -113,7 +113,8 @@ def _epoch_batches(loop_config: dict[str, Any], rank: int, world: int) -> Callab
     def for_epoch(epoch: int) -> Callable[[], Iterable]:
         def make() -> Iterable:
             ds = train_dataset(loop_config["train_rows"], crop_size=data.crop_size,
-                               scale_range=tuple(data.scale_range), seed=train.seed, epoch=epoch, positions=positions)
+                               scale_range=tuple(data.scale_range), seed=train.seed, epoch=epoch, positions=positions,
+                               num_cpus=config.cluster.cpus_per_data_task)
             return ds.iter_torch_batches(batch_size=train.batch_size // world, prefetch_batches=2,
                                          collate_fn=train_collate, pin_memory=pinned)
         return make

@@ -111,6 +111,41 @@ def test_val_torch_batches_keep_ids(ray_session, shards):
     assert tuple(batches[0]["image"].shape) == (4, 3, 128, 128) and str(batches[0]["label"].dtype) == "torch.int64"
 
 
+def test_data_tasks_run_beside_fractional_cpu_holders(ray_session, shards):
+    """With 1.5 of the 2 CPUs held (a trial's worker, a pretraining task, a SEA actor at 0.5 each, as in the demo),
+    read and decode tasks asking for 0.5 CPU still run: the same rows as with whole-CPU tasks on a free cluster.
+    (Building a val dataset samples its Parquet files with whole-CPU Ray Data tasks: it is built before.)"""
+    import threading
+
+    ray = ray_session
+    rows = load_train_rows(shards["train"])
+    free_train = _ordered_digests(train_dataset(rows, crop_size=64, seed=1, epoch=1))
+    free_val = [r["id"] for r in val_dataset(shards["val"], size=64).take_all()]
+    val = val_dataset(shards["val"], size=64, num_cpus=0.5)
+
+    @ray.remote(num_cpus=1.5)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()
+    ray.get(holder.ready.remote())
+    out: dict[str, list] = {}
+
+    def read() -> None:
+        out["train"] = _ordered_digests(train_dataset(rows, crop_size=64, seed=1, epoch=1, num_cpus=0.5))
+        out["val"] = [r["id"] for r in val.take_all()]
+
+    reader = threading.Thread(target=read, daemon=True)
+    try:
+        reader.start()
+        reader.join(timeout=120)  # whole-CPU tasks would wait for the holder forever
+        assert not reader.is_alive(), "0.5-CPU data tasks did not run beside 1.5 held CPUs"
+        assert out["train"] == free_train and out["val"] == free_val
+    finally:
+        ray.kill(holder)
+
+
 def test_damaged_shard_is_named_when_building(ray_session, shards, tmp_path):
     import shutil
 

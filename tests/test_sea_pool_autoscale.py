@@ -85,3 +85,59 @@ def test_pool_grows_past_one_actor_and_releases_its_cpus(trained_checkpoint):  #
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_spread_pool_gives_each_batch_an_actor_and_the_same_scores(trained_checkpoint, repo_env):  # noqa: F811
+    """After the sweep's last trial (spread), a pool scores 2 batches on 2 actors at once; the numbers are those of
+    the pool beside training, which starts one actor (Ray Data then queues both batches on it). With whole-CPU
+    actors on 2 CPUs the spread pool keeps one, so that the images' read task (1 CPU) can run."""
+    import ray
+
+    from orchestrator.config import with_values
+    from orchestrator.sea_pool import score_checkpoint
+
+    config, checkpoint = trained_checkpoint
+    config = with_values(config, {"sea.iterations": 4, "sea.losses": ["mce", "js"], "sea.images": 8,
+                                  "sea.batch_size": 4, "sea.min_actors": 1, "sea.max_actors": 2,
+                                  "sea.cpus_per_actor": 0.5, "cluster.cpus_per_data_task": 1})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"PYTHONPATH": repo_env["PYTHONPATH"]}})
+    try:
+        beside = score_checkpoint(config, checkpoint)
+        spread = score_checkpoint(config, checkpoint, spread=True)
+        whole = score_checkpoint(with_values(config, {"sea.cpus_per_actor": 1}), checkpoint, spread=True)
+    finally:
+        ray.shutdown()
+    assert beside.images == spread.images == whole.images == 8
+    assert len(spread.scored_by) == 2 and len(whole.scored_by) == 1, (spread.scored_by, whole.scored_by)
+    assert spread.by_eps == beside.by_eps == whole.by_eps
+
+
+def test_background_scorer_lowers_only_its_own_cpu_priority(trained_checkpoint):  # noqa: F811
+    import numpy as np
+
+    from orchestrator.config import to_dict, with_values
+    from orchestrator.sea_pool import BACKGROUND_NICE, SeaScorer
+
+    config, checkpoint = trained_checkpoint
+    config = with_values(config, {"sea.iterations": 2, "sea.losses": ["mce"]})
+    rng = np.random.default_rng(0)
+    batch = {"id": np.array(["a", "b"], dtype=object), "image": rng.integers(0, 256, (2, 3, 64, 64), np.uint8),
+             "label": rng.integers(0, config.data.num_classes, (2, 64, 64)).astype(np.uint8)}
+    seen: dict[bool, tuple[int, int]] = {}
+
+    def score(background: bool) -> None:
+        scorer = SeaScorer(checkpoint, to_dict(config), config.data.num_classes, threads=1, background=background)
+        before = os.getpriority(os.PRIO_PROCESS, 0)
+        scorer(batch)
+        seen[background] = (before, os.getpriority(os.PRIO_PROCESS, 0))
+
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    for background in (False, True):
+        thread = threading.Thread(target=score, args=(background,))
+        thread.start()
+        thread.join()
+    assert seen[False][1] == seen[False][0] == mine
+    assert seen[True][1] == max(mine, BACKGROUND_NICE)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == mine  # per thread: the caller's priority is untouched

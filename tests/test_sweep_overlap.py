@@ -157,3 +157,33 @@ def test_wall_split_counts_training_sea_overlap_and_idle():
     split = wall_split((0.0, 100.0), [(60.0, 80.0), (100.0, 130.0), (125.0, 140.0)], 150.0)
     assert split == pytest.approx({"training_only": 80.0, "training_and_sea": 20.0, "sea_only": 40.0, "idle": 10.0,
                                    "sweep": 150.0})
+
+
+def test_only_scoring_with_no_trial_left_training_spreads_the_pool(monkeypatch):
+    """Beside training a trial is scored by a pool at sea.min_actors in the background; once the last trial has
+    ended (or the sweep has returned), an actor per batch (sea_pool.score_checkpoint's `spread`)."""
+    seen: list[tuple[str, bool]] = []
+
+    def fake(config, checkpoint, *, label="", stop=None, spread=False, **_):
+        seen.append((label, spread))
+        return sea_outcome()
+
+    monkeypatch.setattr("orchestrator.sea_pool.score_checkpoint", fake)
+    scorer = TrialScorer(FakeTracker(), {"t00": "r0", "t01": "r1"}, {"t00": [], "t01": []})
+    assert not scorer.training_over()
+    scorer.hand(outcome("t00"))
+    deadline = time.time() + 30
+    while not scorer.busy and time.time() < deadline:  # t00 settled while t01 still trains
+        time.sleep(0.01)
+    assert not scorer.training_over()
+    scorer.hand(outcome("t01"))
+    assert scorer.training_over()
+    scorer.finish()
+    assert seen == [("t00", False), ("t00", False), ("t01", True), ("t01", True)]  # best and final checkpoints
+    seen.clear()
+    unnamed = TrialScorer(FakeTracker(), {"t00": "r0"})  # trial names unknown: over once the sweep returned
+    assert not unnamed.training_over()
+    unnamed.trained.set()
+    unnamed.hand(outcome("t00"))
+    unnamed.finish()
+    assert seen == [("t00", True), ("t00", True)]
