@@ -153,7 +153,7 @@ class SeaScorer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.background:  # per thread on Linux: the thread that runs the attacks (and the ones it starts)
-            os.setpriority(os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0), BACKGROUND_NICE))
+            os.setpriority(os.PRIO_PROCESS, 0, BACKGROUND_NICE)
         tensors = val_collate(batch)
         x, y, ids = tensors["image"].to(self.device), tensors["label"].to(self.device), tensors["id"]
         wanted = [n for n, i in enumerate(ids) if i in self.example_ids]
@@ -224,10 +224,10 @@ def _room(config: Config) -> int:
     """How many scoring actors the cluster's CPUs (and GPUs) hold beside one read/decode task (a pool that took
     every CPU would leave its own images unread). The whole cluster's: the previous pool's actors may not have
     released theirs yet."""
-    free, sea = ray.cluster_resources(), config.sea
-    room = int((free.get("CPU", 0.0) - config.cluster.cpus_per_data_task) // sea.cpus_per_actor)
+    total, sea = ray.cluster_resources(), config.sea
+    room = int((total.get("CPU", 0.0) - config.cluster.cpus_per_data_task) // sea.cpus_per_actor)
     if sea.gpus_per_actor:
-        room = min(room, int(free.get("GPU", 0.0) // sea.gpus_per_actor))
+        room = min(room, int(total.get("GPU", 0.0) // sea.gpus_per_actor))
     return room
 
 
