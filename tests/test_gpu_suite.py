@@ -40,9 +40,14 @@ def test_tiny_suite_writes_json_and_markdown(tmp_path, capsys):
                         100 * (strength["bf16_sea_miou"] - strength["fp32_sea_miou"]))
     assert not strength["conclusive"] and not strength["bf16_attacks_allowed"]  # 3 steps teach a model nothing
 
+    ddp = result["ddp"]
+    assert ddp["world"] == 2 and ddp["backend"] == "gloo" and ddp["losses_finite"]
+    assert {"all_reduce", "broadcast"} <= set(ddp["collectives"]) and ddp["collectives_off_device"] == 0
+    assert [(r["precision"], r["steps"]) for r in ddp["runs"]] == [("fp32", 3)]
+
     table = (tmp_path / "gpu_suite.md").read_text()
     assert "| voc | 64 | bf16+cl |" in table and "| train_per_step | " in table
-    assert "bf16 attacks" in table
+    assert "bf16 attacks" in table and "PIR-AT under DDP: 2 process(es) over gloo" in table
     assert table in capsys.readouterr().out
 
 
