@@ -25,7 +25,7 @@ import ray
 
 from data.classes import VOC_CLASSES
 from data.pipeline import val_collate, val_dataset
-from orchestrator.config import Config, to_dict
+from orchestrator.config import Config, SeaConfig, to_dict
 from orchestrator.scores import EXTRA_GROUP, SEA_GROUP, score_group
 from trainables.units import eps_label
 
@@ -118,6 +118,8 @@ def score_batch(model, tensors: dict[str, Any], sea_settings: dict[str, Any], nu
 
 # The lowest CPU priority: Ray starts every worker at nice 15 (raylet's worker_niceness), so only 16-19 are lower.
 BACKGROUND_NICE = 19
+# batches queued on one actor of a growing pool (Ray Data's own default for actors that take one call at a time)
+IN_FLIGHT = 2
 
 
 class SeaScorer:
@@ -231,6 +233,19 @@ def _room(config: Config) -> int:
     return room
 
 
+def pool_strategy(sea: SeaConfig, batches: int, *, spread: bool, room: int) -> dict[str, int]:
+    """ActorPoolStrategy arguments for scoring `batches` batches. Spread: a fixed pool of an actor per batch (at
+    most sea.max_actors and `room`), one batch in flight each. Otherwise a pool from sea.min_actors that grows while
+    batches queue, each actor holding up to IN_FLIGHT of them, and never larger than the batches can feed: an
+    actor started once every batch is queued on the others would get none and only cost its start-up."""
+    if spread:
+        size = max(sea.min_actors, min(sea.max_actors, batches, room))
+        return {"min_size": size, "max_size": size, "max_tasks_in_flight_per_actor": 1}
+    fed = -(-batches // IN_FLIGHT)
+    return {"min_size": sea.min_actors, "max_size": max(sea.min_actors, min(sea.max_actors, fed)),
+            "max_tasks_in_flight_per_actor": IN_FLIGHT}
+
+
 def score_checkpoint(config: Config, checkpoint_path: str, *, label: str = "", examples: int = 4,
                      stop: threading.Event | None = None, spread: bool = False) -> SeaOutcome:
     """Score one checkpoint with SEA (and the extra attacks and defences `sea` asks for) on the val shards for
@@ -238,7 +253,7 @@ def score_checkpoint(config: Config, checkpoint_path: str, *, label: str = "", e
     (ScoringCancelled), which releases the pool's actors. `spread` (nothing else needs the cluster, e.g. the
     sweep's last trial): a fixed pool of an actor per batch, up to sea.max_actors and what the cluster holds
     beside a read task, each taking one batch at a time; otherwise the pool starts at sea.min_actors, grows while
-    batches queue (Ray Data's autoscaling, which gives a few batches all to the first actor) and its actors run in
+    batches queue (Ray Data's autoscaling, up to what the batches can feed: `pool_strategy`) and its actors run in
     the background (SeaScorer)."""
     sea = config.sea
     from orchestrator.train import shard_uris
@@ -247,10 +262,7 @@ def score_checkpoint(config: Config, checkpoint_path: str, *, label: str = "", e
     dataset = val_dataset(val_uri, **eval_view(config), limit=sea.images, block_rows=sea.batch_size,
                           num_cpus=config.cluster.cpus_per_data_task)
     total = dataset.count()
-    pool = {"min_size": sea.min_actors, "max_size": sea.max_actors}
-    if spread:
-        size = max(sea.min_actors, min(sea.max_actors, -(-total // sea.batch_size), _room(config)))
-        pool = {"min_size": size, "max_size": size, "max_tasks_in_flight_per_actor": 1}
+    pool = pool_strategy(sea, -(-total // sea.batch_size), spread=spread, room=_room(config) if spread else 0)
     example_ids = tuple(str(row["id"]) for row in dataset.select_columns(["id"]).take(examples))
     scored = dataset.map_batches(
         SeaScorer,

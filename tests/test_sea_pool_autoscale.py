@@ -23,6 +23,25 @@ def pool_actors() -> set[str]:
             if "MapWorker" in info["ActorClassName"] and info["State"] in ("ALIVE", "PENDING_CREATION", "RESTARTING")}
 
 
+def watched(fn) -> tuple[object, list[set[str]]]:
+    """fn's result and the pool actors seen every 0.2 s while it ran."""
+    seen: list[set[str]] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.append(pool_actors())
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        return fn(), seen
+    finally:
+        done.set()
+        watcher.join(timeout=10)
+
+
 def released(ray, total: float, wait_s: float = 60.0) -> None:
     """Wait until every CPU of the cluster is free again (the pool's actors gone); fail if not within wait_s."""
     deadline = time.time() + wait_s
@@ -55,21 +74,7 @@ def test_pool_grows_past_one_actor_and_releases_its_cpus(trained_checkpoint):  #
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         total = ray.cluster_resources()["CPU"]
         assert total == 2 * NODE_CPUS
-        seen: list[set[str]] = []
-        scoring = threading.Event()
-
-        def watch() -> None:
-            while not scoring.is_set():
-                seen.append(pool_actors())
-                time.sleep(0.2)
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        try:
-            outcome = score_checkpoint(config, checkpoint)
-        finally:
-            scoring.set()
-            watcher.join(timeout=10)
+        outcome, seen = watched(lambda: score_checkpoint(config, checkpoint))
         assert outcome.images == 16 and outcome.scored_by
         # 8 batches queued for one actor: the pool grew past one actor, up to sea.max_actors
         assert 1 < max(len(ids) for ids in seen) <= config.sea.max_actors, [len(ids) for ids in seen]
@@ -90,8 +95,9 @@ def test_pool_grows_past_one_actor_and_releases_its_cpus(trained_checkpoint):  #
 @pytest.mark.slow
 def test_spread_pool_gives_each_batch_an_actor_and_the_same_scores(trained_checkpoint, repo_env):  # noqa: F811
     """After the sweep's last trial (spread), a pool scores 2 batches on 2 actors at once; the numbers are those of
-    the pool beside training, which starts one actor (Ray Data then queues both batches on it). With whole-CPU
-    actors on 2 CPUs the spread pool keeps one, so that the images' read task (1 CPU) can run."""
+    the pool beside training, which queues both batches on one actor and starts no second one (it would get no
+    batch). With whole-CPU actors on 2 CPUs the spread pool keeps one, so that the images' read task (1 CPU) can
+    run."""
     import ray
 
     from orchestrator.config import with_values
@@ -104,13 +110,14 @@ def test_spread_pool_gives_each_batch_an_actor_and_the_same_scores(trained_check
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
              runtime_env={"env_vars": {"PYTHONPATH": repo_env["PYTHONPATH"]}})
     try:
-        beside = score_checkpoint(config, checkpoint)
+        beside, seen = watched(lambda: score_checkpoint(config, checkpoint))
         spread = score_checkpoint(config, checkpoint, spread=True)
         whole = score_checkpoint(with_values(config, {"sea.cpus_per_actor": 1}), checkpoint, spread=True)
     finally:
         ray.shutdown()
     assert beside.images == spread.images == whole.images == 8
     assert len(spread.scored_by) == 2 and len(whole.scored_by) == 1, (spread.scored_by, whole.scored_by)
+    assert len(beside.scored_by) == 1 and max(len(ids) for ids in seen) == 1, [len(ids) for ids in seen]
     assert spread.by_eps == beside.by_eps == whole.by_eps
 
 

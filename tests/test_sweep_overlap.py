@@ -187,3 +187,20 @@ def test_only_scoring_with_no_trial_left_training_spreads_the_pool(monkeypatch):
     unnamed.hand(outcome("t00"))
     unnamed.finish()
     assert seen == [("t00", True), ("t00", True)]
+
+
+def test_a_growing_pool_is_never_larger_than_its_batches_can_feed():
+    from orchestrator.sea_pool import IN_FLIGHT, pool_strategy
+
+    sea = with_values(load_config(TINY_CONFIG), {"sea.min_actors": 1, "sea.max_actors": 4}).sea
+    assert IN_FLIGHT == 2
+    # the demo's 2 batches both wait on the first actor: a second would get none
+    assert pool_strategy(sea, 2, spread=False, room=0) == {"min_size": 1, "max_size": 1,
+                                                           "max_tasks_in_flight_per_actor": 2}
+    assert pool_strategy(sea, 5, spread=False, room=0)["max_size"] == 3
+    assert pool_strategy(sea, 182, spread=False, room=0)["max_size"] == 4  # VOC val at batch 8: sea.max_actors
+    # spread: an actor per batch, within sea.max_actors and the cluster's room; never below sea.min_actors
+    assert pool_strategy(sea, 2, spread=True, room=3) == {"min_size": 2, "max_size": 2,
+                                                          "max_tasks_in_flight_per_actor": 1}
+    assert pool_strategy(sea, 9, spread=True, room=3)["max_size"] == 3
+    assert pool_strategy(sea, 9, spread=True, room=0)["max_size"] == 1
