@@ -4,6 +4,7 @@ device (NCCL accepts CUDA tensors only), the backend follows the scaling config,
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -14,7 +15,6 @@ from trainables.pir_at import use_sync_batchnorm
 from .conftest import REPO
 
 DEMO = REPO / "tests" / "tiny.yaml"
-COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "reduce", "all_gather_into_tensor", "reduce_scatter")
 
 
 def _worker(rank: int, world: int, init: str, out: str) -> None:
@@ -22,17 +22,12 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
 
     from trainables.pir_at import PirAt
 
+    sys.path.insert(0, str(REPO / "experiments" / "benchmarks"))
+    from gpu_suite import recorded_collectives
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     seen: list[dict] = []
-    originals = {name: getattr(dist, name) for name in COLLECTIVES}
-
-    def recording(name):
-        def call(tensor, *args, **kwargs):
-            seen.append({"op": name, "device": str(tensor.device)})
-            return originals[name](tensor, *args, **kwargs)
-        return call
-
     try:
         config = with_values(load_config(DEMO), {"train.attack.steps": 1})
         torch.manual_seed(0)
@@ -42,20 +37,17 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         generator = torch.Generator().manual_seed(rank)
         batches = [{"image": torch.rand(2, 3, 64, 64, generator=generator),
                     "label": torch.randint(0, 4, (2, 64, 64), generator=generator)} for _ in range(2)]
-        for name in COLLECTIVES:
-            setattr(dist, name, recording(name))
         # A tensor made without a device lands on 'meta' here, as it would land on the CPU in a GPU run.
         torch.set_default_device("meta")
         try:
-            trainer.train_epoch(batches, epoch=1)
-            trainer.validate(batches, proxy_iterations=2, rank=rank, world_size=world)
+            with recorded_collectives(seen):
+                trainer.train_epoch(batches, epoch=1)
+                trainer.validate(batches, proxy_iterations=2, rank=rank, world_size=world)
         finally:
             torch.set_default_device(None)
         with open(f"{out}/rank{rank}.json", "w") as handle:
             json.dump({"seen": seen, "model": str(next(trainer.module.parameters()).device)}, handle)
     finally:
-        for name, original in originals.items():
-            setattr(dist, name, original)
         dist.destroy_process_group()
 
 

@@ -44,6 +44,7 @@ def test_tiny_suite_writes_json_and_markdown(tmp_path, capsys):
     assert ddp["world"] == 2 and ddp["backend"] == "gloo" and ddp["losses_finite"]
     assert {"all_reduce", "broadcast"} <= set(ddp["collectives"]) and ddp["collectives_off_device"] == 0
     assert [(r["precision"], r["steps"]) for r in ddp["runs"]] == [("fp32", 3)]
+    assert all(0 <= r["clean_miou"] <= 1 for r in ddp["runs"])  # the validation under DDP ran
 
     table = (tmp_path / "gpu_suite.md").read_text()
     assert "| voc | 64 | bf16+cl |" in table and "| train_per_step | " in table

@@ -51,7 +51,7 @@ from trainables.pir_at import PirAt  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "bf16+cl")
 SECTIONS = ("train", "apgd", "sea", "syncs", "strength", "ddp")
-COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter")
+COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "reduce", "all_gather_into_tensor", "reduce_scatter")
 TARGETS = {"floor_ratio": 0.8, "apgd_ratio": 1.10, "syncs_per_attack_iteration": 0, "syncs_per_train_step": 1,
            "bf16_strength_points": 0.5}
 EPS = 4.0 / 255.0
@@ -387,6 +387,29 @@ def bench_strength(s: Settings, device: torch.device, log) -> dict:
 
 # -- DDP over NCCL ------------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def recorded_collectives(seen: list[dict]):
+    """Within the block, each call of a torch.distributed collective appends its op and its tensor's device to
+    `seen` (NCCL takes CUDA tensors only: a tensor left on the CPU fails there, not on gloo)."""
+    import torch.distributed as dist
+
+    originals = {name: getattr(dist, name) for name in COLLECTIVES}
+
+    def recording(name):
+        def call(tensor, *args, **kwargs):
+            seen.append({"op": name, "device": str(tensor.device)})
+            return originals[name](tensor, *args, **kwargs)
+        return call
+
+    try:
+        for name in COLLECTIVES:
+            setattr(dist, name, recording(name))
+        yield seen
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+
+
 def _ddp_worker(rank: int, world: int, init: str, out: str, s: Settings, backend: str, device_type: str) -> None:
     """One rank: a few PIR-AT steps and a validation under DDP per precision; writes rank<r>.json."""
     import torch.distributed as dist
@@ -398,39 +421,30 @@ def _ddp_worker(rank: int, world: int, init: str, out: str, s: Settings, backend
         torch.set_num_threads(1)
     dist.init_process_group(backend, init_method=init, rank=rank, world_size=world)
     seen: list[dict] = []
-    originals = {name: getattr(dist, name) for name in COLLECTIVES}
-
-    def recording(name):
-        def call(tensor, *args, **kwargs):
-            seen.append({"op": name, "device": str(tensor.device)})
-            return originals[name](tensor, *args, **kwargs)
-        return call
-
     size, classes, steps = s.strength_size, s.strength_classes, 3
     runs = []
     try:
-        for name in COLLECTIVES:
-            setattr(dist, name, recording(name))
-        for precision in (("bf16+cl", "fp16") if device.type == "cuda" else ("fp32",)):
-            trainer = trainer_for(s, classes, device, precision, s.attack_steps, steps)
-            trainer.model = torch.nn.parallel.DistributedDataParallel(
-                trainer.module, device_ids=[rank] if device.type == "cuda" else None)
-            trainer.world_size = world
-            x, y = random_batch(s.batch, size, classes, device, seed=rank)
-            batch = {"image": x, "label": y}
-            trainer.train_epoch([batch], 1)  # warm-up
-            synchronize(device)
-            start = time.perf_counter()
-            stats = trainer.train_epoch([batch] * steps, 1)
-            synchronize(device)
-            seconds = time.perf_counter() - start
-            scores = trainer.validate([batch], proxy_iterations=2, rank=rank, world_size=world)
-            runs.append({"precision": precision, "steps": stats.steps, "loss": stats.loss_sum / max(stats.steps, 1),
-                         "images_per_s": s.batch * stats.steps / seconds, "clean_miou": scores.get("clean_miou")})
-            del trainer
+        with recorded_collectives(seen):
+            for precision in (("bf16+cl", "fp16") if device.type == "cuda" else ("fp32",)):
+                trainer = trainer_for(s, classes, device, precision, s.attack_steps, steps)
+                trainer.model = torch.nn.parallel.DistributedDataParallel(
+                    trainer.module, device_ids=[rank] if device.type == "cuda" else None)
+                trainer.world_size = world
+                x, y = random_batch(s.batch, size, classes, device, seed=rank)
+                batch = {"image": x, "label": y}
+                trainer.train_epoch([batch], 1)  # warm-up
+                synchronize(device)
+                start = time.perf_counter()
+                stats = trainer.train_epoch([batch] * steps, 1)
+                synchronize(device)
+                seconds = time.perf_counter() - start
+                scores = trainer.validate([batch], proxy_iterations=2, rank=rank, world_size=world)
+                runs.append({"precision": precision, "steps": stats.steps,
+                             "loss": stats.loss_sum / max(stats.steps, 1),
+                             "images_per_s": s.batch * stats.steps / seconds,
+                             "clean_miou": scores["select_clean_miou"]})
+                del trainer
     finally:
-        for name, original in originals.items():
-            setattr(dist, name, original)
         dist.destroy_process_group()
     Path(out, f"rank{rank}.json").write_text(json.dumps({"runs": runs, "seen": seen, "device": str(device)}))
 
