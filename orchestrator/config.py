@@ -266,7 +266,8 @@ class SeaConfig(_Section):
     images: Optional[int] = Field(None, ge=1, description="cap on val images scored (None: all)")
     batch_size: int = Field(8, ge=1)
     min_actors: int = Field(1, ge=1, description="actors the scoring pool starts with")
-    max_actors: int = Field(2, ge=1, description="actors the pool grows to while batches are queued (autoscaling)")
+    max_actors: int = Field(2, ge=1, description="actors the pool grows to while batches are queued (autoscaling; "
+                            "never more than the batches can feed, 2 queued per actor)")
     overlap: bool = Field(
         True, description="true: each trial is scored as soon as it finishes, beside the other trials' training "
                           "(the cluster's resources are shared through Ray's scheduler); false: after the last trial"

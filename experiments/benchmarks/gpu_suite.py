@@ -468,7 +468,7 @@ def bench_ddp(s: Settings, device: torch.device, log) -> dict:
            "collectives": sorted({e["op"] for r in ranks for e in r["seen"]}),
            "collectives_off_device": len(off_device),
            "losses_finite": all(math.isfinite(run["loss"]) for r in ranks for run in r["runs"])}
-    log(f"ddp: {world} process(es) over {backend}; collectives {', '.join(out['collectives'])}, "
+    log(f"ddp: {world} process(es) over {backend}; collectives {', '.join(out['collectives']) or 'none'}, "
         f"{len(off_device)} off the model's device; "
         + "; ".join(f"{run['precision']} {run['steps']} steps, loss {run['loss']:.3f}, "
                     f"{run['images_per_s']:.1f} img/s" for run in runs))
@@ -532,9 +532,9 @@ def markdown(result: dict) -> str:
     if "ddp" in result:
         ddp = result["ddp"]
         lines += [f"PIR-AT under DDP: {ddp['world']} process(es) over {ddp['backend']}, collectives "
-                  f"{', '.join(ddp['collectives'])} ({ddp['collectives_off_device']} tensors off the model's device); "
-                  f"losses finite: {ddp['losses_finite']}", "", "| precision | steps | loss | img/s (rank 0) |",
-                  "|---|---|---|---|"]
+                  f"{', '.join(ddp['collectives']) or 'none'} ({ddp['collectives_off_device']} tensors off the "
+                  f"model's device); losses finite: {ddp['losses_finite']}", "",
+                  "| precision | steps | loss | img/s (rank 0) |", "|---|---|---|---|"]
         lines += [f"| {r['precision']} | {r['steps']} | {r['loss']:.3f} | {r['images_per_s']:.1f} |"
                   for r in ddp["runs"]]
         lines.append("")
