@@ -160,8 +160,8 @@ def test_wall_split_counts_training_sea_overlap_and_idle():
 
 
 def test_only_scoring_with_no_trial_left_training_spreads_the_pool(monkeypatch):
-    """Beside training a trial is scored by a pool at sea.min_actors in the background; once the last trial has
-    ended (or the sweep has returned), an actor per batch (sea_pool.score_checkpoint's `spread`)."""
+    """Beside training a trial is scored in the background by a pool that grows from sea.min_actors; once the last
+    trial has ended (or the sweep has returned), by an actor per batch (sea_pool.score_checkpoint's `spread`)."""
     seen: list[tuple[str, bool]] = []
 
     def fake(config, checkpoint, *, label="", stop=None, spread=False, **_):
